@@ -1,0 +1,26 @@
+"""vitok.generator: a class-conditional DiT over tokenizer latents and its diffusion objective."""
+
+from vitok.generator.config import DIT_SIZES, DiTSize, GeneratorConfig
+from vitok.generator.diffusion import (
+    Denoiser,
+    GaussianDiffusion,
+    Objective,
+    build_objective,
+    drop_labels,
+    linear_betas,
+)
+from vitok.generator.dit import DiT, DiTBlock
+
+__all__ = [
+    "DIT_SIZES",
+    "Denoiser",
+    "DiT",
+    "DiTBlock",
+    "DiTSize",
+    "GaussianDiffusion",
+    "GeneratorConfig",
+    "Objective",
+    "build_objective",
+    "drop_labels",
+    "linear_betas",
+]
