@@ -145,7 +145,7 @@ class DiT(nn.Module):
         """z_t: (B, t, h, w, c) noisy latents, t: (B,), y: (B,) int -> eps: (B, t, h, w, c)."""
         _, nt, nh, nw, _ = z_t.shape
         x = rearrange(z_t, "b t h w c -> b (t h w) c")  # (B, L, c)
-        x = self.token_embed(x)  # (B, L, D)
+        x = self.token_embed(x.to(self.token_embed.weight.dtype))  # (B, L, D), bf16 under DS
         rope = axial_rope((nt, nh, nw), self.head_dim, device=x.device)  # (L, head_dim/2) x 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         for blk in self.blocks:

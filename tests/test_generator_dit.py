@@ -138,3 +138,13 @@ def test_guidance_interpolates_conditional_and_unconditional():
         assert torch.allclose(model.forward_with_cfg(z, t, y, 0.0), uncond, atol=1e-5, rtol=0)
         guided = model.forward_with_cfg(z, t, y, 3.0)
         assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=0)
+
+
+def test_bf16_model_takes_float32_latents():
+    # DeepSpeed bf16 casts the weights; the latents and timesteps stay float32 / int.
+    torch.manual_seed(0)
+    model = _perturbed(DiT(_tiny(), latent_channels=4)).to(torch.bfloat16)
+    z = torch.randn(2, 1, 2, 2, 4)
+    out = model(z, torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert out.dtype == torch.bfloat16 and out.shape == z.shape
+    assert torch.isfinite(out.float()).all()
