@@ -8,6 +8,8 @@ sampling (eta = 0) over evenly spaced timesteps. A flow-matching objective can b
 as another class with the same two methods.
 
 Latents are channels-last `z: (B, t, h, w, c)`; any shape with a leading batch dim works.
+An optional `torch.Generator` must live on the latents' device (it seeds timesteps, noise and
+label dropout, so a seeded call is reproducible).
 """
 
 from __future__ import annotations
