@@ -98,6 +98,11 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
             raise ValueError(f"{path}={value!r} must be an int")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{path}={value!r} must be a float")
         return float(value)
