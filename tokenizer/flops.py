@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 

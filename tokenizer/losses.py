@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor
+
 from vitok.tokenizer.discriminator import Discriminator, hinge_d_loss, hinge_g_loss
 from vitok.tokenizer.lpips import LPIPS
 from vitok.tokenizer.model import DiagonalGaussian

@@ -63,15 +63,21 @@ def _load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
     return state
 
 
-def _check_and_load(module: nn.Module, state: dict[str, Tensor], what: str, path: str) -> None:
+def _check_and_load(
+    module: nn.Module, state: dict[str, Tensor], what: str, path: str, prefix: str
+) -> None:
+    """Load `state` (keys without `prefix`) into module, naming full keys in errors."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"{what}: {path} lacks {missing[:4]} (found keys {sorted(state)[:4]}...)")
+        found = sorted(state)[:4]
+        raise ValueError(
+            f"{what}: {path} lacks {[prefix + k for k in missing[:4]]} (found {found})"
+        )
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise ValueError(
-                f"{what}: {path} has {key} of shape {tuple(state[key].shape)}, "
+                f"{what}: {path} has {prefix}{key} of shape {tuple(state[key].shape)}, "
                 f"expected {tuple(ref.shape)}"
             )
     module.load_state_dict({k: state[k].float() for k in expected})
@@ -103,14 +109,18 @@ class LPIPS(nn.Module):
         feats = {
             k.removeprefix("features."): v for k, v in vgg.items() if k.startswith("features.")
         }
-        _check_and_load(model.features, feats, "vgg_weights (torchvision vgg16)", str(vgg_weights))
+        _check_and_load(
+            model.features, feats, "vgg_weights (torchvision vgg16)", str(vgg_weights), "features."
+        )
         heads = _load_tensors(lpips_weights, "lpips_weights")
         for i in range(len(TAP_CHANNELS)):
             head = getattr(model, f"lin{i}")
             sub = {
                 k.removeprefix(f"lin{i}."): v for k, v in heads.items() if k.startswith(f"lin{i}.")
             }
-            _check_and_load(head, sub, "lpips_weights (lpips lin heads)", str(lpips_weights))
+            _check_and_load(
+                head, sub, "lpips_weights (lpips lin heads)", str(lpips_weights), f"lin{i}."
+            )
         return model
 
     def train(self, mode: bool = True) -> LPIPS:

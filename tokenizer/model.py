@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+
 from vitok.tokenizer.config import ModelSize, TokenizerConfig
 from vitok.tokenizer.layers import Block, RMSNorm, axial_rope
 
