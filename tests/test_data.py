@@ -10,8 +10,9 @@ import torch
 from helpers_data import make_broken_folder, read_indices, write_index_video, write_png
 
 from vitok.platform.config import apply_overrides
-from vitok.platform.data import DataConfig, assign_splits, list_sources, to_model_input
+from vitok.platform.data import DataConfig, to_model_input
 from vitok.platform.media import ClipSpec, Rejected, clip_frame_indices, decode_file
+from vitok.platform.sources import assign_splits, list_sources
 from vitok.platform.synthetic import CLASSES, render_clip
 
 SPEC = ClipSpec(
@@ -128,7 +129,7 @@ def test_images_decode_as_single_frames(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- split
 def test_split_is_deterministic_by_file_and_groups_ucf_clips() -> None:
-    from vitok.platform.data import SourceFile, _split_key
+    from vitok.platform.sources import SourceFile, _split_key
 
     root = Path("/d")
     names = [f"v_Run_g{g:02d}_c{c:02d}.avi" for g in range(1, 11) for c in range(1, 4)]
