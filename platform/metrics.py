@@ -227,7 +227,9 @@ def frechet_distance(
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # The distance is >= 0; a tiny negative value is round-off from near-zero eigenvalues.
+    return max(distance, 0.0)
 
 
 # ----------------------------------------------------------------------------- accumulators
