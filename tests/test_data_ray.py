@@ -153,3 +153,20 @@ def test_image_folder_and_source_mix(ray_local, tmp_path: Path) -> None:
     assert counts[0] == 6 and 2 <= counts[1] <= 10  # synthetic thinned towards 1:1
     full = clip_dataset(p, "train", weights=()).count()
     assert full == 18
+
+
+@pytest.mark.slow  # MLflow's first sqlite migration alone takes ~10 s
+def test_preprocess_cli_logs_counts_to_mlflow(ray_local, tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from vitok.pipelines.preprocess import main
+
+    make_broken_folder(tmp_path / "videos")
+    argv = ["--source", f"videos:{tmp_path / 'videos'}", "--output", str(tmp_path / "out")]
+    argv += ["--set", "frames=8", "--set", "size=[32,32]", "--set", "val_fraction=0.0"]
+    assert main([*argv, "--tracking-uri", mlflow_uri, "--no-progress"]) == 0
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("vitok-preprocess")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.metrics["files_rejected"] == 7 and run.data.metrics["clips_train"] > 0
+    assert "data/rejects.csv" in [a.path for a in client.list_artifacts(run.info.run_id, "data")]
