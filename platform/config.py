@@ -115,6 +115,10 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
 
 def from_dict(cls: type[C], data: Mapping[str, Any], *, _path: str = "") -> C:
     """Build ``cls`` from a plain mapping; unknown keys and wrong types are errors."""
+    # A config may derive fields of its children before they validate (see ExperimentConfig).
+    normalize = getattr(cls, "normalize_dict", None)
+    if callable(normalize):
+        data = normalize(dict(data))
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:

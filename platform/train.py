@@ -22,6 +22,7 @@ uninterrupted one would have drawn from that step on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -119,6 +120,15 @@ def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
     return fn
+
+
+def group_lr_multiplier(cfg: TrainConfig, group: Mapping[str, Any]) -> Callable[[int], float]:
+    """A group with its own ``warmup_steps`` warms up linearly then stays constant (as the
+    paper's discriminator LR); every other group follows the stage's schedule."""
+    if "warmup_steps" not in group:
+        return lr_multiplier(cfg)
+    warmup = int(group["warmup_steps"])
+    return lambda step: 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -252,12 +262,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     frames = int(job.params.get("frames", 1) or 1)
     peak_lr = cfg.peak_lr(frames)
     groups = task.param_groups(model)
-    for group in groups:  # a group's own "lr" is absolute; the schedule scales all groups
+    for group in groups:  # a group's own "lr" is its peak; schedules scale every group
         group.setdefault("lr", peak_lr)
     optimizer = torch.optim.AdamW(
         groups, lr=peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [group_lr_multiplier(cfg, g) for g in optimizer.param_groups]
+    )
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -460,6 +472,9 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = job.train
+    if job.tracking is not None:  # workers run in another directory: ship an absolute URI
+        tracking = dataclasses.replace(job.tracking, uri=resolve_uri(job.tracking.uri))
+        job = dataclasses.replace(job, tracking=tracking)
     storage = Path(storage_path).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
     if "val" not in datasets and job.make_evaluator is not None:

@@ -1,0 +1,106 @@
+"""The root config of one experiment (data -> tokenizer -> generator), and CLI plumbing.
+
+Functions take the sub-config they need; this root exists to nest, validate across
+components, round-trip to YAML and take ``--set a.b=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitok.generator.config import GeneratorConfig
+from vitok.platform.config import apply_overrides, from_yaml, to_yaml
+from vitok.platform.data import DataConfig
+from vitok.platform.metrics import MetricsConfig
+from vitok.platform.tracking import TrackingConfig
+from vitok.platform.train import TrainConfig
+from vitok.tokenizer.config import TokenizerConfig
+from vitok.tokenizer.losses import LossConfig
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One tokenizer (stage 1, optional stage 2) and its generator, on one dataset.
+
+    ``tokenizer.input_size`` always follows the data: (frames, crop or stored size).
+    ``stage2=None`` skips the GAN decoder fine-tune; ``generator_train=None`` skips the
+    generator.
+    """
+
+    name: str = "vitok"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig | None = None
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generator_train: TrainConfig | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    results_dir: str = "./results"
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name={self.name!r} must be a non-empty name without '/'")
+        frames = self.data.frames
+        height, width = self.data.crop or self.data.size
+        wanted = (frames, height, width)
+        if tuple(self.tokenizer.input_size) != wanted:
+            # Derived, not duplicated: re-validated by TokenizerConfig (divisibility errors).
+            object.__setattr__(
+                self, "tokenizer", dataclasses.replace(self.tokenizer, input_size=wanted)
+            )
+
+    @classmethod
+    def normalize_dict(cls, data: dict) -> dict:
+        """Before validation: the tokenizer's input_size follows the data section."""
+        data_sec = dict(data.get("data") or {})
+        defaults = DataConfig()
+        frames = data_sec.get("frames", defaults.frames)
+        crop = data_sec.get("crop", defaults.crop) if "crop" in data_sec else defaults.crop
+        size = crop or data_sec.get("size", defaults.size)
+        tok = dict(data.get("tokenizer") or {})
+        tok["input_size"] = [frames, *list(size)]
+        return {**data, "tokenizer": tok}
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results_dir).expanduser().resolve()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, presets: list[str]) -> None:
+    parser.add_argument("--preset", default=None, choices=presets, help="a named preset")
+    parser.add_argument("--config", type=Path, default=None, help="a YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set tokenizer.channels=8 (repeatable)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved YAML and exit"
+    )
+
+
+def resolve_config(
+    args: argparse.Namespace, default: ExperimentConfig, preset_fn=None
+) -> ExperimentConfig:
+    """Preset or YAML, then overrides; errors name the bad key or value."""
+    if args.config is not None and args.preset is not None:
+        raise SystemExit("error: give --preset or --config, not both")
+    if args.config is not None:
+        cfg = from_yaml(ExperimentConfig, args.config.read_text())
+    elif args.preset is not None and preset_fn is not None:
+        cfg = preset_fn(args.preset)
+    else:
+        cfg = default
+    return apply_overrides(cfg, args.overrides)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return to_yaml(cfg)

@@ -1,0 +1,163 @@
+"""Named presets: Python functions returning an ExperimentConfig (no YAML magic).
+
+CPU presets (``demo``, ``smoke``, ``tokenizer-smoke``) run on the embedded defaults; the
+paper's setups need a GPU cluster and a dataset path (``--data``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vitok.generator.config import GeneratorConfig
+from vitok.pipelines.experiment import ExperimentConfig
+from vitok.platform.data import DataConfig
+from vitok.platform.train import TrainConfig
+from vitok.tokenizer.config import TokenizerConfig
+from vitok.tokenizer.losses import LossConfig
+
+
+def tokenizer_for(data: DataConfig, variant: str, channels: int) -> TokenizerConfig:
+    """A tokenizer variant ("S-B/4x8") at the data's clip size."""
+    height, width = data.crop or data.size
+    return TokenizerConfig.from_variant(
+        variant, channels=channels, input_size=(data.frames, height, width)
+    )
+
+
+# Stage-1 loss without LPIPS: its VGG16 weights are a file the user supplies.
+NO_LPIPS = LossConfig(lpips_weight=0.0)
+
+
+def smoke() -> ExperimentConfig:
+    """The fastest full path (tests): synthetic clips, nano models, a few steps."""
+    data = DataConfig(
+        sources=("synthetic",),
+        frames=4,
+        fps=8.0,
+        size=(32, 32),
+        synthetic_classes=3,
+        synthetic_videos=12,
+        clips_per_video=2,
+        val_fraction=0.25,
+    )
+    return ExperimentConfig(
+        name="smoke",
+        data=data,
+        tokenizer=tokenizer_for(data, "N-N/2x8", channels=4),
+        loss=NO_LPIPS,
+        train=TrainConfig(
+            steps=20,
+            batch_size=4,
+            lr=1e-3,
+            warmup_steps=2,
+            checkpoint_every=10,
+            log_every=5,
+        ),
+        generator=GeneratorConfig(size="N", num_classes=3, sampling_steps=10),
+    )
+
+
+def tokenizer_demo() -> ExperimentConfig:
+    """One tiny video tokenizer on the real sample clips plus synthetic ones (CPU minutes)."""
+    data = DataConfig(
+        sources=("samples", "synthetic"),
+        frames=8,
+        fps=8.0,
+        size=(64, 64),
+        crop=(48, 48),
+        synthetic_classes=4,
+        synthetic_videos=24,
+        clips_per_video=4,
+        val_fraction=0.2,
+    )
+    return ExperimentConfig(
+        name="tokenizer-demo",
+        data=data,
+        tokenizer=tokenizer_for(data, "M-T/2x8", channels=8),
+        loss=NO_LPIPS,
+        train=TrainConfig(
+            steps=300,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=20,
+            checkpoint_every=100,
+            log_every=20,
+            cpus_per_worker=2,
+        ),
+        generator=GeneratorConfig(size="N", num_classes=5, sampling_steps=25),
+    )
+
+
+def _paper_train(batch_size: int) -> TrainConfig:
+    """The paper's recipe on 8 GPUs: AdamW (0.9, 0.95), wd 1e-4, LR 1e-4 x batch*frames/256,
+    warm-up + cosine, bf16, ZeRO-2, 100k steps."""
+    return TrainConfig(
+        steps=100_000,
+        batch_size=batch_size,
+        lr=1e-4,
+        scale_lr=True,
+        warmup_steps=5000,
+        precision="bf16",
+        zero_stage=2,
+        num_workers=8,
+        use_gpu=True,
+        cpus_per_worker=8,
+        checkpoint_every=5000,
+        eval_every=10_000,
+        log_every=100,
+    )
+
+
+def paper_video_ucf() -> ExperimentConfig:
+    """ViTok S-B/4x8 on UCF-101 16x128x128 (a GPU cluster and --data /path/to/UCF-101)."""
+    data = DataConfig(
+        sources=("videos:/data/UCF-101",),
+        frames=16,
+        fps=8.0,
+        size=(144, 144),
+        crop=(128, 128),
+        clips_per_video=0,
+    )
+    return ExperimentConfig(
+        name="paper-video-ucf",
+        data=data,
+        tokenizer=tokenizer_for(data, "S-B/4x8", channels=16),
+        loss=LossConfig(),
+        train=_paper_train(batch_size=32),  # 8 x 32 = 256 videos, as the paper
+        stage2=_paper_train(batch_size=32),
+        generator=GeneratorConfig(size="L", num_classes=101, guidance=2.0),
+    )
+
+
+def paper_image_256() -> ExperimentConfig:
+    """ViTok S-B/16 on ImageNet 256p (a GPU cluster and --data /path/to/imagenet/train)."""
+    data = DataConfig(
+        sources=("images:/data/imagenet/train",),
+        frames=1,
+        fps=8.0,
+        size=(256, 256),
+        clips_per_video=1,
+    )
+    return ExperimentConfig(
+        name="paper-image-256",
+        data=data,
+        tokenizer=tokenizer_for(data, "S-B/16", channels=16),
+        loss=LossConfig(),
+        train=_paper_train(batch_size=128),  # 8 x 128 = 1024 images, as the paper
+        stage2=_paper_train(batch_size=128),
+        generator=GeneratorConfig(size="L", num_classes=1000, guidance=1.5),
+    )
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "smoke": smoke,
+    "tokenizer-demo": tokenizer_demo,
+    "paper-video-ucf": paper_video_ucf,
+    "paper-image-256": paper_image_256,
+}
+
+
+def preset(name: str) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown; presets are {sorted(PRESETS)}")
+    return PRESETS[name]()

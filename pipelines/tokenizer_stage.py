@@ -1,0 +1,287 @@
+"""Wiring of the tokenizer stages: data -> Ray Train (stage 1, optional stage 2) -> MLflow.
+
+This is where tokenizer/ (the model and its task) meets platform/ (data, training,
+metrics, tracking); neither of those imports the other.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitok.pipelines.experiment import ExperimentConfig, dump_config
+from vitok.platform.config import to_dict
+from vitok.platform.data import PreparedData, clip_dataset, to_model_input
+from vitok.platform.metrics import MetricsConfig, ReconstructionMetrics
+from vitok.platform.tracking import RunLogger, start_run
+from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_training
+from vitok.tokenizer.config import TokenizerConfig
+from vitok.tokenizer.flops import forward_flops, param_counts
+from vitok.tokenizer.losses import LossConfig, build_lpips
+from vitok.tokenizer.model import ViTok
+from vitok.tokenizer.task import TokenizerTask
+
+
+# ----------------------------------------------------------------------------- worker pieces
+@dataclass(frozen=True)
+class ClipBatch:
+    """Ray Data batch -> task batch, on the worker: crop/flip for training, centre crop for
+    evaluation, values in [-1, 1]."""
+
+    crop: tuple[int, int] | None
+
+    def __call__(self, batch: dict[str, torch.Tensor], training: bool, gen: torch.Generator):
+        x = to_model_input(batch["clip"], crop=self.crop, flip=training, generator=gen)
+        return {"x": x, "label": batch["label"]}
+
+
+class TokenizerEvaluator:
+    """PSNR, SSIM (and LPIPS, rFID, rFVD when their weights exist) over a whole split."""
+
+    def __init__(self, metrics: MetricsConfig, loss: LossConfig) -> None:
+        lpips = build_lpips(loss)
+        if lpips is not None:
+            lpips.requires_grad_(False).eval()
+        self.metrics = ReconstructionMetrics(metrics, lpips_fn=lpips)
+
+    def update(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        x = batch["x"]
+        recon, _ = model(x, sample=False)  # evaluation decodes the posterior mean
+        self.metrics.update(x.float(), recon.float().clamp(-1, 1))
+
+    def compute(self) -> dict[str, float]:
+        return self.metrics.compute()
+
+
+@dataclass(frozen=True)
+class MakeEvaluator:
+    metrics: MetricsConfig
+    loss: LossConfig
+
+    def __call__(self) -> TokenizerEvaluator:
+        return TokenizerEvaluator(self.metrics, self.loss)
+
+
+# ----------------------------------------------------------------------------- params
+def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
+    """What a run logs about its tokenizer: variant, p, q, c, E, L, sizes, params, FLOPs."""
+    counts = param_counts(model)
+    flops = forward_flops(model)
+    return {
+        "variant": model.variant,
+        "encoder_size": model.encoder_size,
+        "decoder_size": model.decoder_size,
+        "p": model.patch,
+        "q": model.tubelet,
+        "c": model.channels,
+        "L": model.num_tokens,
+        "E": model.latent_floats,
+        "log2_E": float(np.log2(model.latent_floats)),
+        "pixels_per_float": model.pixels_per_float,
+        "frames": model.input_size[0],
+        "encoder_params_M": counts["encoder"] / 1e6,
+        "decoder_params_M": counts["decoder"] / 1e6,
+        "params_M": counts["total"] / 1e6,
+        "gflops": flops["gflops"],
+    }
+
+
+# ----------------------------------------------------------------------------- loading
+def load_tokenizer(checkpoint_dir: str | Path, model: TokenizerConfig) -> ViTok:
+    """The tokenizer from a training checkpoint (stage 2: with the decoder's EMA)."""
+    ckpt = Path(checkpoint_dir)
+    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    tokenizer = ViTok(model)
+    if any(k.startswith("tokenizer.") for k in state):
+        state = {
+            k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")
+        }
+    tokenizer.load_state_dict(state)
+    extra_path = ckpt / "task_state.pt"
+    if extra_path.exists():
+        extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+        shadow = extra.get("ema", {}).get("shadow")
+        if shadow and extra["ema"].get("num_updates", 0) > 0:
+            own = dict(tokenizer.named_parameters())
+            with torch.no_grad():
+                for name, value in shadow.items():
+                    own[name].copy_(value)
+    return tokenizer.eval()
+
+
+# ----------------------------------------------------------------------------- artifacts
+def reconstruction_grid(clips: np.ndarray, recons: np.ndarray, max_frames: int = 8) -> np.ndarray:
+    """Originals over reconstructions: (2*N*H, F*W, 3) uint8 from (N, T, H, W, 3) pairs."""
+    n, t = clips.shape[:2]
+    step = max(1, t // max_frames)
+    rows = []
+    for i in range(n):
+        rows.append(np.concatenate(list(clips[i, ::step][:max_frames]), axis=1))  # (H, F*W, 3)
+        rows.append(np.concatenate(list(recons[i, ::step][:max_frames]), axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def log_reconstructions(
+    logger: RunLogger,
+    tokenizer: ViTok,
+    prepared: PreparedData,
+    crop: tuple[int, int] | None,
+    fps: float,
+    count: int = 4,
+) -> None:
+    """A grid PNG of validation clips over their reconstructions (+ a side-by-side mp4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitok.platform.media import encode_video
+
+    ds = clip_dataset(prepared, "val" if prepared.num_val else "train")
+    batch = ds.take_batch(count, batch_format="numpy")
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch["clip"])), crop=crop, flip=False)
+    with torch.no_grad():
+        recon, _ = tokenizer(x, sample=False)
+    clips, recons = _to_uint8(x), _to_uint8(recon)
+    grid = reconstruction_grid(clips, recons)
+    fig, ax = plt.subplots(figsize=(min(16, grid.shape[1] / 40), min(16, grid.shape[0] / 40)))
+    ax.imshow(grid)
+    ax.set_axis_off()
+    ax.set_title("validation clips (odd rows) over reconstructions (even rows)")
+    logger.log_figure(fig, "reconstructions/grid.png")
+    plt.close(fig)
+    if clips.shape[1] > 1:
+        side = np.concatenate([clips, recons], axis=3)  # (N, T, H, 2W, 3)
+        frames = np.concatenate(list(side), axis=1)  # (T, N*H, 2W, 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "side_by_side.mp4"
+            h, w = frames.shape[1:3]
+            encode_video(path, frames[:, : h - h % 2, : w - w % 2], fps)
+            logger.log_artifact(path, "reconstructions")
+
+
+def log_mlflow_model(uri: str, run_id: str, checkpoint_dir: str, model: TokenizerConfig) -> str:
+    """Log the trained tokenizer as an MLflow pyfunc model (uint8 clips in, out)."""
+    import mlflow
+
+    from vitok.pipelines.mlflow_model import TokenizerModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(checkpoint_dir, model)
+        weights = Path(tmp) / "tokenizer.pt"
+        torch.save(tokenizer.state_dict(), weights)
+        config = Path(tmp) / "tokenizer.yaml"
+        from vitok.platform.config import to_yaml
+
+        config.write_text(to_yaml(model))
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="tokenizer",
+                python_model=TokenizerModel(),
+                artifacts={"weights": str(weights), "config": str(config)},
+                pip_requirements=["torch", "einops", "pyyaml", "vitok"],
+            )
+    return info.model_uri
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclass
+class TokenizerRun:
+    run_id: str | None
+    stage1: TrainResult
+    stage2: TrainResult | None
+    checkpoint_dir: str
+    metrics: dict[str, float]
+    params: dict[str, Any]
+
+
+def _datasets(prepared: PreparedData) -> dict[str, Any]:
+    out = {"train": clip_dataset(prepared, "train")}
+    if prepared.num_val:
+        out["val"] = clip_dataset(prepared, "val")
+    return out
+
+
+def run_tokenizer(
+    cfg: ExperimentConfig,
+    prepared: PreparedData,
+    *,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    fail_once_at_step: int | None = None,
+    log_model: bool = True,
+) -> TokenizerRun:
+    """Train one tokenizer (stage 1, then stage 2 if configured), logging one MLflow run."""
+    name = run_name or cfg.name
+    out_dir = cfg.results_path / name
+    params = tokenizer_params(cfg.tokenizer)
+    params["data_hash"] = prepared.config_hash
+    run_id = start_run(
+        cfg.tracking,
+        name,
+        resume_file=out_dir / "mlflow_run_id",
+        parent_run_id=parent_run_id,
+        tags={"vitok.kind": "tokenizer", "vitok.variant": cfg.tokenizer.variant},
+    )
+    logger = RunLogger(cfg.tracking.uri, run_id) if run_id else None
+    if logger:
+        logger.log_params(params)
+        logger.log_params({"config": to_dict(cfg)})
+        logger.log_text(dump_config(cfg), "config.yaml")
+        logger.log_metrics(
+            {
+                "data/train_clips": prepared.num_train,
+                "data/val_clips": prepared.num_val,
+                "data/rejects": prepared.num_rejects,
+            }
+        )
+    make_eval = MakeEvaluator(cfg.metrics, cfg.loss) if prepared.num_val else None
+    crop = cfg.data.crop
+    datasets = _datasets(prepared)
+
+    def job(stage: int, train: TrainConfig, init: str | None) -> TrainJob:
+        task = TokenizerTask(cfg.tokenizer, cfg.loss, stage, init)
+        return TrainJob(
+            name=f"{name}-stage{stage}",
+            task=task,
+            train=train,
+            batch_fn=ClipBatch(crop),
+            make_evaluator=make_eval,
+            tokens_per_sample=cfg.tokenizer.num_tokens,
+            tracking=cfg.tracking,
+            run_id=run_id,
+            params=params,
+            fail_once_at_step=fail_once_at_step if stage == 1 else None,
+        )
+
+    try:
+        stage1 = run_training(job(1, cfg.train, None), datasets, storage_path=out_dir / "ray")
+        final, stage2 = stage1, None
+        if cfg.stage2 is not None:
+            init = str(Path(stage1.checkpoint_dir) / "model.pt")
+            stage2 = run_training(job(2, cfg.stage2, init), datasets, storage_path=out_dir / "ray")
+            final = stage2
+        metrics = {k: v for k, v in final.metrics.items() if k.startswith("val/")}
+        if logger:
+            logger.log_metrics({f"final/{k[4:]}": v for k, v in metrics.items()})
+            logger.set_tags({"checkpoint": final.checkpoint_dir})
+            tokenizer = load_tokenizer(final.checkpoint_dir, cfg.tokenizer)
+            log_reconstructions(logger, tokenizer, prepared, crop, cfg.data.fps)
+            if log_model:
+                log_mlflow_model(logger.uri, run_id, final.checkpoint_dir, cfg.tokenizer)
+            logger.finish("FINISHED")
+    except BaseException:
+        if logger:
+            logger.finish("FAILED")
+        raise
+    return TokenizerRun(run_id, stage1, stage2, final.checkpoint_dir, metrics, params)

@@ -1,0 +1,60 @@
+"""Train one tokenizer (stage 1, optional stage 2) on Ray Train + DeepSpeed, tracked in MLflow.
+
+    python pipelines/train_tokenizer.py --preset tokenizer-demo
+    python pipelines/train_tokenizer.py --preset smoke --set train.steps=50 --set train.zero_stage=2
+    python pipelines/train_tokenizer.py --config my.yaml --data /data/UCF-101
+
+Rerunning the same command after a crash resumes from the latest checkpoint and continues
+the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from vitok.pipelines.experiment import add_config_arguments, dump_config, resolve_config
+from vitok.pipelines.presets import PRESETS, preset
+from vitok.pipelines.tokenizer_stage import run_tokenizer
+from vitok.platform.data import ensure_ray, prepare
+from vitok.platform.tracking import resolve_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, sorted(PRESETS))
+    parser.add_argument("--data", default=None, help="a folder of videos or images")
+    parser.add_argument("--no-model", action="store_true", help="skip logging an MLflow model")
+    args = parser.parse_args(argv)
+    if args.preset is None and args.config is None:
+        args.preset = "tokenizer-demo"
+    cfg = resolve_config(args, preset("tokenizer-demo"), preset)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(args.data,)))
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    t0 = time.perf_counter()
+    ensure_ray()
+    prepared = prepare(cfg.data)
+    run = run_tokenizer(cfg, prepared, log_model=not args.no_model)
+    minutes = (time.perf_counter() - t0) / 60
+    print()
+    print(
+        f"[vitok] {cfg.tokenizer.variant} c={cfg.tokenizer.channels} "
+        f"E={cfg.tokenizer.latent_floats} trained in {minutes:.1f} min"
+    )
+    for key, value in sorted(run.metrics.items()):
+        print(f"  {key:<16} {value:.4f}")
+    print(f"  checkpoint       {run.checkpoint_dir}")
+    if run.run_id:
+        uri = resolve_uri(cfg.tracking.uri)
+        print(f"  mlflow run       {run.run_id}")
+        print(f"  browse with      mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
