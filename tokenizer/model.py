@@ -62,7 +62,8 @@ class DiagonalGaussian:
 
     def kl(self) -> Tensor:
         """KL(q || N(0, I)) averaged over the latent dims (t, h, w, c): (B,)."""
-        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        mean, logvar = self.mean.float(), self.logvar.float()  # float32 under bf16 too
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
         return kl.flatten(1).mean(dim=1)
 
 
@@ -113,8 +114,7 @@ class ViTok(nn.Module):
             elif isinstance(module, RMSNorm) and module.weight is not None:
                 # Norms start as plain RMS normalisation.
                 nn.init.ones_(module.weight)
-        # Bottleneck: small weights so the posterior starts near N(0, small) with a
-        # unit-scale-free mean; the log-variance starts near 0 (std ~ 1) and the KL pulls it.
+        # Bottleneck head: small weights, so the posterior starts near mean 0, logvar 0.
         nn.init.normal_(self.to_moments.weight, std=0.02)
         nn.init.zeros_(self.to_moments.bias)
 
