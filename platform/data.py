@@ -242,6 +242,7 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
 
     Returns the shard folders (``train/``, ``val/``), manifest, label map and rejects table.
     """
+    import ray
     import ray.data
 
     ensure_ray()
@@ -282,7 +283,11 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
         if items:
             spec = cfg.clip_spec()
             clip_bytes = max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
-            ds = ray.data.from_items(items, override_num_blocks=min(len(items), 256))
+            # A few files per block: enough blocks to keep every CPU busy and stream, few
+            # enough that per-task overhead stays small next to decoding.
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            blocks = min(len(items), max(4 * cpus, len(items) // 16), 4096)
+            ds = ray.data.from_items(items, override_num_blocks=blocks)
             ds = ds.map_batches(
                 _decode_batch,
                 batch_size=1,
