@@ -1,0 +1,140 @@
+"""The generator's training task: what the platform's worker loop calls (pure torch).
+
+A class-conditional DiT learns the diffusion objective on normalised tokenizer latents;
+an exponential moving average (EMA) of its weights is kept for sampling, as in DiT.
+
+Batches are ``{"z": (B, t, h, w, c) float, normalised latents, "label": (B,) int}``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vitok.generator.config import GeneratorConfig
+from vitok.generator.diffusion import Objective, build_objective
+from vitok.generator.dit import DiT
+
+
+class WeightEMA:
+    """shadow <- d * shadow + (1 - d) * param over every parameter, kept in float32.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so a short run's
+    average is not stuck at the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay={decay!r} must lie in [0, 1)")
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        for name, p in model.named_parameters():
+            shadow = self.shadow[name]
+            if shadow.device != p.device:
+                self.shadow[name] = shadow = shadow.to(p.device)
+            shadow.lerp_(p.detach().float(), 1.0 - decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name].to(p.device, p.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        shadow = {k: v.cpu() for k, v in self.shadow.items()}
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        shadow = state["shadow"]
+        missing = set(self.shadow) - set(shadow)
+        if missing:
+            raise ValueError(f"EMA state lacks parameters {sorted(missing)[:4]}")
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.shadow = {k: shadow[k].float().clone() for k in self.shadow}
+
+
+@dataclass
+class GeneratorTask:
+    """Diffusion training of a DiT over latents with ``latent_channels`` channels."""
+
+    model: GeneratorConfig
+    latent_channels: int
+    ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels={self.latent_channels!r} must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
+        self.objective: Objective = build_objective(self.model)
+        self._ema: WeightEMA | None = None
+
+    # -- building -------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        dit = DiT(self.model, self.latent_channels)
+        self._ema = WeightEMA(dit, self.ema_decay)
+        return dit
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    # -- one step -------------------------------------------------------------------------
+    def training_step(
+        self, model: nn.Module, batch: Mapping[str, Tensor], step: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        """batch["z"]: (B, t, h, w, c) normalised latents, batch["label"]: (B,) int."""
+        z, y = batch["z"], batch["label"].long()
+        # Randomness (timesteps, noise, label dropout) comes from the loop's per-step seed.
+        return self.objective.training_loss(model, z, y)
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self._ema is not None:
+            self._ema.update(model)
+
+    # -- state and evaluation --------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self._ema.state_dict()} if self._ema is not None else {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if self._ema is not None and "ema" in state:
+            self._ema.load_state_dict(state["ema"])
+
+    def eval_module(self, model: nn.Module) -> nn.Module:
+        """A copy of the DiT carrying the EMA weights (the live model before any update)."""
+        if self._ema is None or self._ema.num_updates == 0:
+            return model
+        averaged = copy.deepcopy(model)
+        self._ema.copy_to(averaged)
+        return averaged
+
+
+def load_generator(
+    model_state: Mapping[str, Tensor],
+    cfg: GeneratorConfig,
+    latent_channels: int,
+    extra_state: Mapping[str, Any] | None = None,
+) -> DiT:
+    """A DiT from saved weights; with ``extra_state`` holding an updated EMA, its average."""
+    dit = DiT(cfg, latent_channels)
+    dit.load_state_dict(dict(model_state))
+    ema = (extra_state or {}).get("ema")
+    if ema and int(ema.get("num_updates", 0)) > 0:
+        own = dict(dit.named_parameters())
+        with torch.no_grad():
+            for name, value in ema["shadow"].items():
+                own[name].copy_(value)
+    return dit.eval()

@@ -1,0 +1,281 @@
+"""Latent extraction as Ray Data batch inference, and the latents' per-channel statistics.
+
+``extract_latents(datasets, encoder_factory, out_dir)`` runs a frozen encoder over clip
+datasets on an actor pool (``map_batches`` with ``ActorPoolStrategy``; each actor builds its
+encoder once from a picklable factory) and writes ``latent`` + ``label`` rows to Parquet,
+one folder per split. The per-channel mean and std of the *training* latents go to
+``latent_stats.json`` beside them; a generator trains on ``stats.normalise(z)``.
+
+The platform never imports a model: the caller passes ``encoder_factory``, a picklable
+callable ``factory(device) -> encode`` where ``encode(clips)`` maps a uint8 batch
+``(B, T, H, W, 3)`` to latents ``(B, ..., c)`` (channels last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATS_FILE = "latent_stats.json"
+MANIFEST_FILE = "latents.json"
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+EncoderFactory = Callable[[str], EncodeFn]
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel mean and std of latents (channels last), from ``count`` vectors."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    count: int
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) must match")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std={self.std!r} must be > 0 in every channel")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def _vectors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if z.shape[-1] != self.channels:
+            raise ValueError(f"latents have {z.shape[-1]} channels, stats {self.channels}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=z.device)  # (c,)
+        std = torch.tensor(self.std, dtype=torch.float32, device=z.device)  # (c,)
+        return mean, std
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (..., c) -> (z - mean) / std, float32."""
+        mean, std = self._vectors(z)
+        return (z.float() - mean) / std
+
+    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``normalise``: (..., c) -> z * std + mean, float32."""
+        mean, std = self._vectors(z)
+        return z.float() * std + mean
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentStats:
+        data = json.loads(Path(path).read_text())
+        return cls(tuple(data["mean"]), tuple(data["std"]), int(data["count"]))
+
+
+class ChannelMoments:
+    """Exact float64 sums per channel (n, sum z, sum z^2), mergeable across batches."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: np.ndarray | None = None  # (c,)
+        self.squares: np.ndarray | None = None  # (c,)
+
+    def update(self, z: np.ndarray | torch.Tensor) -> None:
+        """z: (..., c), every leading position one vector."""
+        x = np.asarray(z.detach().cpu() if isinstance(z, torch.Tensor) else z, np.float64)
+        x = x.reshape(-1, x.shape[-1])  # (N, c)
+        if self.total is None:
+            self.total, self.squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        self.count += x.shape[0]
+        self.total += x.sum(axis=0)
+        self.squares += np.square(x).sum(axis=0)
+
+    def stats(self, eps: float = 1e-6) -> LatentStats:
+        """Mean and population std (floored at ``eps``) per channel."""
+        if self.total is None or self.count == 0:
+            raise ValueError("no latents were seen; cannot compute statistics")
+        mean = self.total / self.count
+        var = np.clip(self.squares / self.count - mean**2, 0.0, None)
+        std = np.maximum(np.sqrt(var), eps)
+        return LatentStats(tuple(mean.tolist()), tuple(std.tolist()), self.count)
+
+
+# ----------------------------------------------------------------------------- inference
+class LatentEncoder:
+    """Ray Data callable class: builds the encoder once per actor, encodes each batch.
+
+    {clip: (B, T, H, W, 3) uint8, label: (B,)} -> {latent: (B, ..., c) float32, label: (B,)}.
+    """
+
+    def __init__(
+        self,
+        factory: EncoderFactory,
+        device: str = "cpu",
+        column: str = "clip",
+        num_threads: int = 0,
+    ) -> None:
+        if num_threads > 0 and device == "cpu":
+            torch.set_num_threads(num_threads)
+        self.encode = factory(device)
+        self.device = device
+        self.column = column
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        column = batch[self.column]
+        if column.dtype == object:  # ragged tensor column: one array per row
+            column = np.stack(list(column))
+        clips = torch.from_numpy(np.array(column)).to(self.device)  # Ray hands read-only views
+        with torch.no_grad():
+            latents = self.encode(clips).float().cpu().numpy()
+        return {"latent": latents, "label": np.asarray(batch["label"], np.int64)}
+
+
+@dataclass(frozen=True)
+class LatentSet:
+    """The latents written by one ``extract_latents`` call."""
+
+    root: Path
+    splits: dict[str, Path]  # split -> Parquet folder
+    counts: dict[str, int]  # split -> rows
+    latent_shape: tuple[int, ...]  # one row's latent, channels last
+    stats: LatentStats  # over the training split
+    reused: bool
+
+    @property
+    def stats_path(self) -> Path:
+        return self.root / STATS_FILE
+
+    def dataset(self, split: str) -> Any:
+        """One split as a ``ray.data.Dataset`` with ``latent`` and ``label`` columns."""
+        import ray.data
+
+        if split not in self.splits:
+            raise ValueError(f"split={split!r} is not allowed; choose one of {list(self.splits)}")
+        ds = ray.data.read_parquet(str(self.splits[split]), partitioning=None)
+        return ds.select_columns(["latent", "label"])
+
+
+def load_latent_set(root: str | Path) -> LatentSet:
+    root = Path(root)
+    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    return LatentSet(
+        root=root,
+        splits={s: root / s for s in manifest["counts"]},
+        counts={s: int(n) for s, n in manifest["counts"].items()},
+        latent_shape=tuple(manifest["latent_shape"]),
+        stats=LatentStats.load(root / STATS_FILE),
+        reused=True,
+    )
+
+
+def extract_latents(
+    datasets: Mapping[str, Any],
+    encoder_factory: EncoderFactory,
+    out_dir: str | Path,
+    *,
+    num_actors: int = 1,
+    batch_size: int = 16,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    column: str = "clip",
+    stats_split: str = "train",
+    info: Mapping[str, Any] | None = None,
+) -> LatentSet:
+    """Encode every split of ``datasets`` into ``out_dir/<split>/*.parquet``, or reuse them.
+
+    ``datasets``: split name -> Ray Dataset with ``column`` (uint8 clips) and ``label``.
+    The caller keys ``out_dir`` (for example by encoder checkpoint and data hash); a folder
+    holding a finished manifest is reused untouched. ``info`` is stored in the manifest.
+    Statistics are computed over ``stats_split`` and saved as ``latent_stats.json``.
+    """
+    from ray.data import ActorPoolStrategy
+
+    out = Path(out_dir).expanduser().resolve()  # actors run in another directory
+    if (out / MANIFEST_FILE).exists():
+        return load_latent_set(out)
+    if stats_split not in datasets:
+        raise ValueError(f"stats_split={stats_split!r} is not among {list(datasets)}")
+    t0 = time.perf_counter()
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    device = "cuda" if num_gpus > 0 else "cpu"
+    counts: dict[str, int] = {}
+    moments = ChannelMoments()
+    latent_shape: tuple[int, ...] = ()
+    try:
+        for split, ds in datasets.items():
+            latents = ds.select_columns([column, "label"]).map_batches(
+                LatentEncoder,
+                fn_constructor_kwargs={
+                    "factory": encoder_factory,
+                    "device": device,
+                    "column": column,
+                    "num_threads": max(1, int(num_cpus)),
+                },
+                compute=ActorPoolStrategy(size=num_actors),
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+            )
+            latents.write_parquet(str(tmp / split), mode="overwrite")
+            counts[split] = 0
+            if not any((tmp / split).glob("*.parquet")):
+                raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
+            for batch in _read(tmp / split).iter_batches(batch_size=256, batch_format="numpy"):
+                z = _stack(batch["latent"])  # (N, ..., c)
+                counts[split] += z.shape[0]
+                latent_shape = tuple(z.shape[1:])
+                if split == stats_split:
+                    moments.update(z)
+        stats = moments.stats()
+        stats.save(tmp / STATS_FILE)
+        manifest = {
+            "counts": counts,
+            "latent_shape": list(latent_shape),
+            "stats_split": stats_split,
+            "info": dict(info or {}),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
+        if out.exists():  # a stale, unfinished folder (no manifest): replace it
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = load_latent_set(out)
+    print(
+        f"[vitok.latents] wrote {out}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f" latents of {latent_shape}, {time.perf_counter() - t0:.1f} s"
+    )
+    return dataclasses.replace(result, reused=False)
+
+
+def _read(folder: Path) -> Any:
+    import ray.data
+
+    return ray.data.read_parquet(str(folder), partitioning=None)
+
+
+def _stack(column: np.ndarray) -> np.ndarray:
+    if column.dtype == object:
+        column = np.stack(list(column))
+    return np.asarray(column)
+
+
+__all__ = [
+    "ChannelMoments",
+    "EncoderFactory",
+    "LatentEncoder",
+    "LatentSet",
+    "LatentStats",
+    "extract_latents",
+    "load_latent_set",
+]
