@@ -14,6 +14,7 @@ import math
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+
 from vitok.generator.config import GeneratorConfig
 from vitok.tokenizer.layers import Block, RMSNorm, Rope, axial_rope, init_linear, modulate
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from vitok.generator import DIT_SIZES, DiT, DiTBlock, GeneratorConfig
 from vitok.platform import config as pconfig
 from vitok.tokenizer.layers import axial_rope
