@@ -148,7 +148,7 @@ def log_reconstructions(
 
     ds = clip_dataset(prepared, "val" if prepared.num_val else "train")
     batch = ds.take_batch(count, batch_format="numpy")
-    x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch["clip"])), crop=crop, flip=False)
+    x = to_model_input(torch.from_numpy(np.array(batch["clip"])), crop=crop, flip=False)
     with torch.no_grad():
         recon, _ = tokenizer(x, sample=False)
     clips, recons = _to_uint8(x), _to_uint8(recon)
@@ -262,6 +262,7 @@ def run_tokenizer(
             run_id=run_id,
             params=params,
             fail_once_at_step=fail_once_at_step if stage == 1 else None,
+            metric_prefix="" if stage == 1 else "stage2/",
         )
 
     try:
@@ -278,7 +279,10 @@ def run_tokenizer(
             tokenizer = load_tokenizer(final.checkpoint_dir, cfg.tokenizer)
             log_reconstructions(logger, tokenizer, prepared, crop, cfg.data.fps)
             if log_model:
-                log_mlflow_model(logger.uri, run_id, final.checkpoint_dir, cfg.tokenizer)
+                model_uri = log_mlflow_model(
+                    logger.uri, run_id, final.checkpoint_dir, cfg.tokenizer
+                )
+                logger.set_tags({"tokenizer_model_uri": model_uri})
             logger.finish("FINISHED")
     except BaseException:
         if logger:

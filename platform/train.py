@@ -192,6 +192,8 @@ class TrainJob:
     tracking: TrackingConfig | None = None
     run_id: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # Prefix for this job's MLflow metric keys, so stages sharing a run stay apart.
+    metric_prefix: str = ""
     # Testing aid: raise once (a marker file remembers) when this optimizer step is reached.
     fail_once_at_step: int | None = None
 
@@ -296,9 +298,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = None
     monitor = None
     if rank == 0 and job.run_id and job.tracking is not None and job.tracking.enabled:
-        logger = RunLogger(job.tracking.uri, job.run_id)
+        logger = _PrefixedLogger(RunLogger(job.tracking.uri, job.run_id), job.metric_prefix)
         if job.tracking.system_metrics:
-            monitor = logger.start_system_metrics()
+            monitor = logger.inner.start_system_metrics()
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"vitok-ckpt-r{rank}-"))
@@ -432,6 +434,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if monitor is not None:
         monitor.finish()
     save_checkpoint(metrics)
+
+
+class _PrefixedLogger:
+    def __init__(self, inner: RunLogger, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.inner.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step=step)
 
 
 def _select(batch: Mapping[str, torch.Tensor], columns: tuple[str, ...]) -> dict:
