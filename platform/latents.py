@@ -109,7 +109,8 @@ class ChannelMoments:
 class LatentEncoder:
     """Ray Data callable class: builds the encoder once per actor, encodes each batch.
 
-    {clip: (B, T, H, W, 3) uint8, label: (B,)} -> {latent: (B, ..., c) float32, label: (B,)}.
+    {clip: (B, T, H, W, 3) uint8, label: (B,), ...} -> {latent: (B, ..., c) float32, label: (B,),
+    ...}; other columns pass through.
     """
 
     def __init__(
@@ -132,7 +133,10 @@ class LatentEncoder:
         clips = torch.from_numpy(np.array(column)).to(self.device)  # Ray hands read-only views
         with torch.no_grad():
             latents = self.encode(clips).float().cpu().numpy()
-        return {"latent": latents, "label": np.asarray(batch["label"], np.int64)}
+        out = {"latent": latents, "label": np.asarray(batch["label"], np.int64)}
+        for key in batch.keys() - {self.column, "label"}:  # pass-through columns (split)
+            out[key] = batch[key]
+        return out
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,10 @@ class LatentSet:
     @property
     def stats_path(self) -> Path:
         return self.root / STATS_FILE
+
+    def pooled(self, split: str) -> np.ndarray:
+        """(N, c) float32: each latent's mean over its tokens (the split's rows, any order)."""
+        return np.load(self.root / f"pooled_{split}.npy")
 
     def dataset(self, split: str) -> Any:
         """One split as a ``ray.data.Dataset`` with ``latent`` and ``label`` columns."""
@@ -204,37 +212,56 @@ def extract_latents(
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     device = "cuda" if num_gpus > 0 else "cpu"
-    counts: dict[str, int] = {}
-    moments = ChannelMoments()
-    latent_shape: tuple[int, ...] = ()
     try:
-        for split, ds in datasets.items():
-            latents = ds.select_columns([column, "label"]).map_batches(
-                LatentEncoder,
-                fn_constructor_kwargs={
-                    "factory": encoder_factory,
-                    "device": device,
-                    "column": column,
-                    "num_threads": max(1, int(num_cpus)),
-                },
-                compute=ActorPoolStrategy(size=num_actors),
-                batch_size=batch_size,
-                batch_format="numpy",
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
+        # One actor pool for every split: tag rows with their split, encode, partition by it.
+        tagged = [
+            ds.select_columns([column, "label"]).map_batches(
+                _tag_split, fn_kwargs={"split": split}, batch_format="numpy"
             )
-            latents.write_parquet(str(tmp / split), mode="overwrite")
-            counts[split] = 0
-            if not any((tmp / split).glob("*.parquet")):
-                raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
-            for batch in _read(tmp / split).iter_batches(batch_size=256, batch_format="numpy"):
-                z = _stack(batch["latent"])  # (N, ..., c)
-                counts[split] += z.shape[0]
-                latent_shape = tuple(z.shape[1:])
+            for split, ds in datasets.items()
+        ]
+        union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+        latents = union.map_batches(
+            LatentEncoder,
+            fn_constructor_kwargs={
+                "factory": encoder_factory,
+                "device": device,
+                "column": column,
+                "num_threads": max(1, int(num_cpus)),
+            },
+            compute=ActorPoolStrategy(size=num_actors),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        latents.write_parquet(str(tmp / "shards"), partition_cols=["split"], mode="overwrite")
+        # One pass back over everything: counts, channel moments, token-pooled features.
+        counts = {split: 0 for split in datasets}
+        pooled: dict[str, list[np.ndarray]] = {split: [] for split in datasets}
+        moments = ChannelMoments()
+        latent_shape: tuple[int, ...] = ()
+        reader = _read(tmp / "shards", hive=True)
+        for batch in reader.iter_batches(batch_size=256, batch_format="numpy"):
+            z = _stack(batch["latent"])  # (N, ..., c)
+            latent_shape = tuple(z.shape[1:])
+            for split in datasets:
+                rows = z[np.asarray(batch["split"]).astype(str) == split]
+                counts[split] += rows.shape[0]
+                pooled[split].append(pool_tokens(rows))
                 if split == stats_split:
-                    moments.update(z)
+                    moments.update(rows)
+        for split in datasets:
+            produced = tmp / "shards" / f"split={split}"
+            if not produced.exists():
+                raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
+            produced.rename(tmp / split)
+        shutil.rmtree(tmp / "shards", ignore_errors=True)
+
         stats = moments.stats()
         stats.save(tmp / STATS_FILE)
+        for split, parts in pooled.items():
+            np.save(tmp / f"pooled_{split}.npy", np.concatenate(parts).astype(np.float32))
         manifest = {
             "counts": counts,
             "latent_shape": list(latent_shape),
@@ -258,9 +285,23 @@ def extract_latents(
     return dataclasses.replace(result, reused=False)
 
 
-def _read(folder: Path) -> Any:
+def pool_tokens(latents: np.ndarray) -> np.ndarray:
+    """(N, ..., c) -> (N, c): the mean over every token position (float64)."""
+    z = np.asarray(latents, np.float64)
+    return z.reshape(z.shape[0], -1, z.shape[-1]).mean(axis=1)
+
+
+def _tag_split(batch: dict[str, np.ndarray], *, split: str) -> dict[str, np.ndarray]:
+    n = len(batch["label"])
+    return {**batch, "split": np.array([split] * n, dtype=object)}
+
+
+def _read(folder: Path, hive: bool = False) -> Any:
+    """Parquet under ``folder``; ``hive`` adds ``key=value`` folder names as columns."""
     import ray.data
 
+    if hive:
+        return ray.data.read_parquet(str(folder))  # Ray's default partitioning is hive
     return ray.data.read_parquet(str(folder), partitioning=None)
 
 
@@ -278,4 +319,5 @@ __all__ = [
     "LatentStats",
     "extract_latents",
     "load_latent_set",
+    "pool_tokens",
 ]

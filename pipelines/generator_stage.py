@@ -1,0 +1,482 @@
+"""Wiring of the generator stage: frozen tokenizer -> latents -> DiT training -> generation eval.
+
+1. Latent extraction (Ray Data, actor pool): the frozen tokenizer encodes the centre-cropped
+   train and val clips (posterior mean) into Parquet; per-channel statistics of the training
+   latents normalise the generator's inputs (``vitok.platform.latents``).
+2. The DiT trains through the platform's Ray Train + DeepSpeed loop (``GeneratorTask``),
+   with the validation diffusion loss as its evaluation.
+3. Generation eval on the driver: N samples per class (DDIM + classifier-free guidance,
+   EMA weights), decoded by the tokenizer, logged as a grid PNG (and an mp4 for video).
+   gFID / gFVD when the Inception / I3D weight files are configured; always
+   ``frechet_tokenizer_latent`` (see ``generation_metrics``), never called FID.
+
+One MLflow run per generator, tagged with its tokenizer (and nested under a parent run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vitok.generator.config import GeneratorConfig
+from vitok.generator.diffusion import Objective, build_objective
+from vitok.generator.dit import DiT
+from vitok.generator.task import GeneratorTask, load_generator
+from vitok.pipelines.experiment import ExperimentConfig, dump_config
+from vitok.pipelines.tokenizer_stage import load_tokenizer
+from vitok.platform.config import to_dict
+from vitok.platform.data import PreparedData, clip_dataset, to_model_input
+from vitok.platform.latents import LatentSet, LatentStats, extract_latents
+from vitok.platform.metrics import (
+    FeatureMoments,
+    MetricsConfig,
+    clip_features,
+    frame_features,
+    frechet_distance,
+    frechet_from_moments,
+    load_i3d,
+    load_inception,
+)
+from vitok.platform.tracking import RunLogger, start_run
+from vitok.platform.train import (
+    TrainConfig,
+    TrainJob,
+    TrainResult,
+    load_model_state,
+    run_training,
+)
+from vitok.tokenizer.config import TokenizerConfig
+from vitok.tokenizer.model import ViTok
+
+SAMPLES_PER_CLASS = 4
+
+
+# ----------------------------------------------------------------------------- worker pieces
+@dataclass(frozen=True)
+class TokenizerEncoder:
+    """Picklable encoder factory for ``extract_latents``: ``factory(device) -> encode`` where
+    ``encode(clips (B, T, H, W, 3) uint8) -> posterior mean (B, t, h, w, c)``."""
+
+    checkpoint_dir: str
+    model: TokenizerConfig
+    crop: tuple[int, int] | None
+
+    def __call__(self, device: str):
+        tokenizer = load_tokenizer(self.checkpoint_dir, self.model).to(device)
+        crop = self.crop
+
+        def encode(clips: torch.Tensor) -> torch.Tensor:
+            x = to_model_input(clips, crop=crop, flip=False)  # (B, T, h, w, 3) centre crop
+            return tokenizer.encode(x).mode()  # (B, t, h, w, c)
+
+        return encode
+
+
+@dataclass(frozen=True)
+class LatentBatch:
+    """Ray Data batch -> task batch on the worker: normalised latents and labels."""
+
+    stats: LatentStats
+
+    def __call__(self, batch: dict[str, torch.Tensor], training: bool, gen: torch.Generator):
+        return {"z": self.stats.normalise(batch["latent"]), "label": batch["label"]}
+
+
+class DiffusionLossEvaluator:
+    """The diffusion loss over a split (no label dropout; timesteps and noise drawn from a
+    fixed seed, ``repeats`` draws per clip), averaged across workers."""
+
+    def __init__(self, cfg: GeneratorConfig, repeats: int = 4, seed: int = 1234) -> None:
+        self.objective: Objective = build_objective(dataclasses.replace(cfg, class_dropout=0.0))
+        self.repeats, self.seed = repeats, seed
+        self.total, self.count, self.batches = 0.0, 0, 0
+
+    def update(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        z, y = batch["z"], batch["label"].long()  # (B, t, h, w, c), (B,)
+        for r in range(self.repeats):
+            gen = torch.Generator(device=z.device)
+            gen.manual_seed(self.seed + 1000 * self.batches + r)
+            loss, _ = self.objective.training_loss(model, z, y, generator=gen)
+            self.total += float(loss.detach()) * z.shape[0]
+            self.count += z.shape[0]
+        self.batches += 1
+
+    def compute(self) -> dict[str, float]:
+        sums = torch.tensor([self.total, float(self.count)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                sums = sums.cuda()
+            dist.all_reduce(sums)
+        total, count = sums.tolist()
+        return {"diffusion_loss": total / max(count, 1.0)}
+
+
+@dataclass(frozen=True)
+class MakeDiffusionEvaluator:
+    cfg: GeneratorConfig
+
+    def __call__(self) -> DiffusionLossEvaluator:
+        return DiffusionLossEvaluator(self.cfg)
+
+
+# ----------------------------------------------------------------------------- latents
+def latents_for(
+    prepared: PreparedData,
+    tokenizer_checkpoint: str,
+    model: TokenizerConfig,
+    crop: tuple[int, int] | None,
+    out_root: Path,
+    train: TrainConfig,
+) -> LatentSet:
+    """Latents of the prepared clips, keyed by tokenizer checkpoint, config and data hash."""
+    key_src = {
+        "checkpoint": str(Path(tokenizer_checkpoint).resolve()),
+        "tokenizer": to_dict(model),
+        "crop": list(crop) if crop else None,
+        "data": prepared.config_hash,
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    datasets = {"train": clip_dataset(prepared, "train")}
+    if prepared.num_val:
+        datasets["val"] = clip_dataset(prepared, "val")
+    return extract_latents(
+        datasets,
+        TokenizerEncoder(str(Path(tokenizer_checkpoint).resolve()), model, crop),
+        out_root / key,
+        batch_size=train.batch_size,
+        num_cpus=train.cpus_per_worker,
+        num_gpus=1.0 if train.use_gpu else 0.0,
+        info=key_src,
+    )
+
+
+def latent_features(latents: torch.Tensor) -> torch.Tensor:
+    """(N, t, h, w, c) -> (N, c): the mean over the latent tokens (the Frechet feature, as
+    ``vitok.platform.latents.pool_tokens``)."""
+    return latents.float().flatten(1, -2).mean(dim=1)  # (N, c)
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate(
+    dit: DiT,
+    objective: Objective,
+    stats: LatentStats,
+    tokenizer: ViTok,
+    labels: torch.Tensor,
+    latent_shape: tuple[int, ...],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample latents for ``labels`` (B,) with DDIM + CFG, then decode them.
+
+    Returns (latents (B, t, h, w, c) in the tokenizer's space, clips (B, T, H, W, 3) float in
+    [-1, 1]). Everything runs on ``dit``'s device.
+    """
+    device = next(dit.parameters()).device
+    labels = labels.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (labels.shape[0], *latent_shape)
+    z = objective.sample(dit, shape, labels, steps=steps, guidance=guidance, generator=gen)
+    z = stats.denormalise(z)  # (B, t, h, w, c)
+    clips = tokenizer.to(device).decode(z).float().clamp(-1, 1)  # (B, T, H, W, 3)
+    return z, clips
+
+
+def generation_metrics(
+    tokenizer: ViTok,
+    fake_clips: torch.Tensor,
+    real_features: torch.Tensor,
+    reference_features: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Frechet distances in the frozen tokenizer's latent space.
+
+    ``frechet_tokenizer_latent``: between Gaussians fitted to the token-mean-pooled posterior
+    means (c dims) of the generated clips (re-encoded by the tokenizer) and of the real clips
+    (``real_features`` (N, c)). It measures how well the generator matches the tokenizer's
+    latent statistics; it is *not* FID. With ``reference_features`` (another real split),
+    ``frechet_tokenizer_latent_real_ref`` is the same distance between two real splits: the
+    level a perfect generator would reach at these sample sizes.
+    """
+    device = next(tokenizer.parameters()).device
+    with torch.no_grad():
+        fake = latent_features(tokenizer.encode(fake_clips.to(device)).mode().cpu())  # (N, c)
+    out = {}
+    if fake.shape[0] >= 2 and real_features.shape[0] >= 2:
+        a, b = FeatureMoments(), FeatureMoments()
+        a.update(real_features)
+        b.update(fake)
+        out["frechet_tokenizer_latent"] = frechet_from_moments(a, b)
+        if reference_features is not None and reference_features.shape[0] >= 2:
+            r = FeatureMoments()
+            r.update(reference_features)
+            out["frechet_tokenizer_latent_real_ref"] = frechet_from_moments(a, r)
+    return out
+
+
+def network_metrics(
+    metrics: MetricsConfig,
+    real_clips: Callable[[], torch.Tensor],
+    fake_clips: torch.Tensor,
+) -> dict[str, float]:
+    """gFID (per-frame Inception) and gFVD (I3D) when their weight files are configured;
+    each loader announces its own skip. ``real_clips()`` is called only when a network
+    loaded. Clips: (N, T, H, W, 3) float in [-1, 1] or uint8."""
+    out: dict[str, float] = {}
+    inception = load_inception(metrics)
+    i3d = load_i3d(metrics)
+    if inception is None and i3d is None:
+        return out
+    real_clips = real_clips()
+    if inception is not None:
+        real = frame_features(inception, real_clips, metrics.feature_batch_size)
+        fake = frame_features(inception, fake_clips, metrics.feature_batch_size)
+        out["gfid"] = _frechet(real, fake)
+    if i3d is not None and min(real_clips.shape[1], fake_clips.shape[1]) >= metrics.fvd_num_frames:
+        n, batch = metrics.fvd_num_frames, metrics.feature_batch_size
+        out["gfvd"] = _frechet(
+            clip_features(i3d, real_clips, n, batch), clip_features(i3d, fake_clips, n, batch)
+        )
+    return out
+
+
+def _frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
+    a, b = FeatureMoments(), FeatureMoments()
+    a.update(real)
+    b.update(fake)
+    return frechet_distance(*a.mean_cov(), *b.mean_cov())
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def log_samples(
+    logger: RunLogger, clips: torch.Tensor, labels: list[int], names: list[str], fps: float
+) -> None:
+    """A grid PNG (one row per sample, frames across, grouped by class) and, for video, an
+    mp4 tiling the samples (classes down, samples across). clips: (N, T, H, W, 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitok.platform.media import encode_video
+
+    frames = _to_uint8(clips)  # (N, T, H, W, 3)
+    step = max(1, frames.shape[1] // 8)
+    grid = np.concatenate(
+        [np.concatenate(list(clip[::step][:8]), axis=1) for clip in frames], axis=0
+    )  # (N*H, F*W, 3)
+    fig, ax = plt.subplots(figsize=(min(16, 2 + grid.shape[1] / 40), min(20, grid.shape[0] / 40)))
+    ax.imshow(grid)
+    ax.set_axis_off()
+    classes = ", ".join(f"{i}={names[i]}" for i in sorted(set(labels)))
+    ax.set_title(f"generated samples, rows by class ({classes})", fontsize=8)
+    logger.log_figure(fig, "samples/grid.png")
+    plt.close(fig)
+    if frames.shape[1] > 1:
+        per_class = labels.count(labels[0])
+        rows = [
+            np.concatenate(list(frames[i : i + per_class]), axis=2)  # (T, H, k*W, 3)
+            for i in range(0, len(frames), per_class)
+        ]
+        video = np.concatenate(rows, axis=1)  # (T, classes*H, k*W, 3)
+        h, w = video.shape[1:3]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "samples.mp4"
+            encode_video(path, video[:, : h - h % 2, : w - w % 2], fps)
+            logger.log_artifact(path, "samples")
+
+
+def _real_clips(prepared: PreparedData, count: int, crop: tuple[int, int] | None) -> torch.Tensor:
+    ds = clip_dataset(prepared, "val" if prepared.num_val else "train")
+    batch = ds.take_batch(count, batch_format="numpy")
+    return to_model_input(np.ascontiguousarray(batch["clip"]), crop=crop, flip=False)
+
+
+# ----------------------------------------------------------------------------- the stage
+@dataclass
+class GeneratorRun:
+    run_id: str | None
+    checkpoint_dir: str
+    metrics: dict[str, float]
+    train: TrainResult
+    latents: LatentSet
+    params: dict[str, Any]
+
+
+def run_generator(
+    cfg: ExperimentConfig,
+    prepared: PreparedData,
+    tokenizer_checkpoint: str | Path,
+    *,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tokenizer_run_id: str | None = None,
+    samples_per_class: int = SAMPLES_PER_CLASS,
+) -> GeneratorRun:
+    """Train and evaluate one generator on a frozen tokenizer, logging one MLflow run.
+
+    ``cfg.generator_train`` must be set. Rerunning with the same name resumes the training
+    and reuses the latents. ``metrics`` holds ``val/diffusion_loss`` and the generation
+    metrics (``frechet_tokenizer_latent`` ...; ``gfid`` / ``gfvd`` with weight files).
+    """
+    train = cfg.generator_train
+    if train is None:
+        raise ValueError("generator_train=None: set generator_train.* to train a generator")
+    num_labels = len(prepared.label_map)
+    if num_labels > cfg.generator.num_classes:
+        raise ValueError(
+            f"generator.num_classes={cfg.generator.num_classes} is smaller than the data's "
+            f"{num_labels} labels {sorted(prepared.label_map)}"
+        )
+    if samples_per_class < 1:
+        raise ValueError(f"samples_per_class={samples_per_class!r} must be >= 1")
+    tokenizer_checkpoint = str(Path(tokenizer_checkpoint).expanduser().resolve())
+    name = run_name or f"{cfg.name}-generator"
+    out_dir = cfg.results_path / name
+    tags = {
+        "vitok.kind": "generator",
+        "vitok.variant": cfg.tokenizer.variant,
+        "vitok.tokenizer_checkpoint": tokenizer_checkpoint,
+    }
+    if tokenizer_run_id:
+        tags["vitok.tokenizer_run_id"] = tokenizer_run_id
+    run_id = start_run(
+        cfg.tracking,
+        name,
+        resume_file=out_dir / "mlflow_run_id",
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
+    logger = RunLogger(cfg.tracking.uri, run_id) if run_id else None
+    try:
+        crop = cfg.data.crop
+        latent_set = latents_for(
+            prepared, tokenizer_checkpoint, cfg.tokenizer, crop, out_dir / "latents", train
+        )
+        latent_shape = latent_set.latent_shape  # (t, h, w, c)
+        channels = latent_shape[-1]
+        task = GeneratorTask(cfg.generator, channels)
+        dit_params = sum(p.numel() for p in DiT(cfg.generator, channels).parameters())
+        params = {
+            "generator_size": cfg.generator.size,
+            "generator_params_M": dit_params / 1e6,
+            "latent_shape": list(latent_shape),
+            "L": int(np.prod(latent_shape[:-1])),
+            "c": channels,
+            "E": int(np.prod(latent_shape)),
+            "tokenizer_variant": cfg.tokenizer.variant,
+            "tokenizer_checkpoint": tokenizer_checkpoint,
+            "data_hash": prepared.config_hash,
+            "latents_dir": str(latent_set.root),
+        }
+        if logger:
+            logger.log_params(params)
+            logger.log_params(
+                {"generator": to_dict(cfg.generator), "generator_train": to_dict(train)}
+            )
+            logger.log_text(dump_config(cfg), "config.yaml")
+            logger.log_artifact(latent_set.stats_path, "latents")
+            logger.log_metrics({f"latents/{s}": n for s, n in latent_set.counts.items()})
+
+        datasets = {split: latent_set.dataset(split) for split in latent_set.splits}
+        job = TrainJob(
+            name=name,
+            task=task,
+            train=train,
+            batch_fn=LatentBatch(latent_set.stats),
+            make_evaluator=MakeDiffusionEvaluator(cfg.generator) if "val" in datasets else None,
+            columns=("latent", "label"),
+            tokens_per_sample=params["L"],
+            tracking=cfg.tracking,
+            run_id=run_id,
+            params=params,
+        )
+        result = run_training(job, datasets, storage_path=out_dir / "ray")
+        metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
+        metrics.update(
+            evaluate_generation(
+                cfg,
+                prepared,
+                result.checkpoint_dir,
+                tokenizer_checkpoint,
+                latent_set,
+                samples_per_class=samples_per_class,
+                logger=logger,
+            )
+        )
+        if logger:
+            logger.log_metrics({f"final/{k.split('/', 1)[-1]}": v for k, v in metrics.items()})
+            logger.set_tags({"checkpoint": result.checkpoint_dir})
+            logger.finish("FINISHED")
+    except BaseException:
+        if logger:
+            logger.finish("FAILED")
+        raise
+    return GeneratorRun(run_id, result.checkpoint_dir, metrics, result, latent_set, params)
+
+
+def evaluate_generation(
+    cfg: ExperimentConfig,
+    prepared: PreparedData,
+    generator_checkpoint: str,
+    tokenizer_checkpoint: str,
+    latent_set: LatentSet,
+    *,
+    samples_per_class: int = SAMPLES_PER_CLASS,
+    logger: RunLogger | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Sample ``samples_per_class`` clips per data class from the EMA generator, decode them,
+    log the grid / mp4, and return the generation metrics (see the module docstring)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = Path(generator_checkpoint)
+    extra_path = ckpt / "task_state.pt"
+    extra = None
+    if extra_path.exists():
+        extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+    channels = latent_set.latent_shape[-1]
+    dit = load_generator(load_model_state(ckpt), cfg.generator, channels, extra).to(device)
+    tokenizer = load_tokenizer(tokenizer_checkpoint, cfg.tokenizer).to(device)
+    names = [n for n, _ in sorted(prepared.label_map.items(), key=lambda kv: kv[1])]
+    labels = [i for i in range(len(names)) for _ in range(samples_per_class)]
+    _, clips = generate(
+        dit,
+        build_objective(cfg.generator),
+        latent_set.stats,
+        tokenizer,
+        torch.tensor(labels),
+        latent_set.latent_shape,
+        seed=seed,
+    )
+    real_split = "val" if "val" in latent_set.splits else "train"
+    real = torch.from_numpy(latent_set.pooled(real_split))  # (N, c)
+    reference = None
+    if real_split == "val":  # a real set of the generated set's size: the attainable level
+        reference = torch.from_numpy(latent_set.pooled("train")[: len(labels)])
+    metrics = generation_metrics(tokenizer, clips, real, reference)
+    metrics.update(
+        network_metrics(
+            cfg.metrics, lambda: _real_clips(prepared, len(labels), cfg.data.crop), clips.cpu()
+        )
+    )
+    metrics["samples"] = float(len(labels))
+    if logger:
+        log_samples(logger, clips.cpu(), labels, names, cfg.data.fps)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    print(f"[vitok] generation eval: {shown}", flush=True)
+    return {f"gen/{k}": v for k, v in metrics.items()}

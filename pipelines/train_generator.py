@@ -1,0 +1,118 @@
+"""Train a latent generator (DiT) on a trained, frozen tokenizer; tracked in MLflow.
+
+    python pipelines/train_generator.py --tokenizer-run RUN_ID
+    python pipelines/train_generator.py --tokenizer-checkpoint DIR --preset tokenizer-demo \\
+        --set generator_train.steps=300
+
+With ``--tokenizer-run`` and no ``--preset``/``--config``, the tokenizer run's own
+``config.yaml`` is the base config (so data and tokenizer match the checkpoint). Without a
+``generator_train`` section, the tokenizer's ``train`` settings are used. Rerunning the same
+command resumes the generator's training and its MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vitok.pipelines.experiment import (
+    ExperimentConfig,
+    add_config_arguments,
+    dump_config,
+    resolve_config,
+)
+from vitok.pipelines.generator_stage import SAMPLES_PER_CLASS, run_generator
+from vitok.pipelines.presets import PRESETS, preset
+from vitok.platform.config import apply_overrides, from_yaml
+from vitok.platform.data import ensure_ray, prepare
+from vitok.platform.tracking import resolve_uri
+
+
+def tokenizer_from_run(uri: str, run_id: str) -> tuple[str, ExperimentConfig | None]:
+    """The ``checkpoint`` tag of a tokenizer run and its logged config (None if absent)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    checkpoint = run.data.tags.get("checkpoint")
+    if not checkpoint:
+        raise SystemExit(f"error: MLflow run {run_id} has no 'checkpoint' tag (unfinished run?)")
+    config = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+            config = from_yaml(ExperimentConfig, Path(path).read_text())
+    except Exception as err:  # an older run without config.yaml: the caller's config is used
+        print(f"[vitok] run {run_id}: no usable config.yaml ({err}); using the given config")
+    return checkpoint, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_arguments(parser, sorted(PRESETS))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokenizer-checkpoint", type=Path, help="a tokenizer checkpoint folder")
+    source.add_argument("--tokenizer-run", help="an MLflow tokenizer run id (its checkpoint tag)")
+    parser.add_argument("--data", default=None, help="a folder of videos or images")
+    parser.add_argument("--name", default=None, help="the generator run's name")
+    parser.add_argument("--parent-run", default=None, help="an MLflow parent run id")
+    parser.add_argument(
+        "--samples-per-class", type=int, default=SAMPLES_PER_CLASS, help="generated per class"
+    )
+    args = parser.parse_args(argv)
+
+    tokenizer_run_id = args.tokenizer_run
+    if tokenizer_run_id:
+        base = resolve_config(args, preset("tokenizer-demo"), preset)
+        checkpoint, run_cfg = tokenizer_from_run(resolve_uri(base.tracking.uri), tokenizer_run_id)
+        if run_cfg is not None and args.preset is None and args.config is None:
+            cfg = apply_overrides(run_cfg, args.overrides)
+        else:
+            cfg = base
+    else:
+        if args.preset is None and args.config is None:
+            args.preset = "tokenizer-demo"
+        cfg = resolve_config(args, preset("tokenizer-demo"), preset)
+        checkpoint = str(args.tokenizer_checkpoint)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(args.data,)))
+    if cfg.generator_train is None:
+        print("[vitok] no generator_train section: using the tokenizer's train settings")
+        cfg = dataclasses.replace(cfg, generator_train=cfg.train)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+
+    t0 = time.perf_counter()
+    ensure_ray()
+    prepared = prepare(cfg.data)
+    run = run_generator(
+        cfg,
+        prepared,
+        checkpoint,
+        parent_run_id=args.parent_run,
+        run_name=args.name,
+        tokenizer_run_id=tokenizer_run_id,
+        samples_per_class=args.samples_per_class,
+    )
+    minutes = (time.perf_counter() - t0) / 60
+    print()
+    print(
+        f"[vitok] DiT-{cfg.generator.size} on {cfg.tokenizer.variant} latents "
+        f"{tuple(run.latents.latent_shape)} trained in {minutes:.1f} min"
+    )
+    for key, value in sorted(run.metrics.items()):
+        print(f"  {key:<36} {value:.4f}")
+    print(f"  checkpoint       {run.checkpoint_dir}")
+    if run.run_id:
+        print(f"  mlflow run       {run.run_id}")
+        print(f"  browse with      mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
