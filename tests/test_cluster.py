@@ -32,7 +32,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 STUDY_ENTRYPOINT = "python pipelines/train_tokenizer.py --preset smoke --no-model"
 # The same submission on the CLI, as README shows it.
 README_SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . --"
-JOB_TIMEOUT_S = 240.0
+JOB_TIMEOUT_S = 300.0
 
 
 def load_cluster() -> dict:
@@ -284,6 +284,9 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[LocalHead, dict[str, str]]]:
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
         MLFLOW_DISABLE_TELEMETRY="true",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop() tears down at once
+        # A job's `python` is the one with the project installed (the image's, on a cluster).
+        PATH=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
         TORCH_EXTENSIONS_DIR=os.environ.get(
             "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")
@@ -312,18 +315,42 @@ def connect(head: LocalHead, headers: dict[str, str], timeout: float = 90.0):
             time.sleep(1.0)
 
 
+def retry(call, what: str, timeout: float = 90.0):
+    """``call()``, retried while the head is still coming up (its job agent registers late,
+    and the dashboard may drop a connection meanwhile)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except (RuntimeError, requests.exceptions.ConnectionError) as err:
+            transient = isinstance(err, requests.exceptions.ConnectionError) or (
+                "No available agent" in str(err)
+            )
+            if not transient or time.monotonic() > deadline:
+                raise AssertionError(f"{what}: {err}") from err
+            time.sleep(2.0)
+
+
 def run_job(client, entrypoint: str, working_dir: Path) -> str:
     """Submit as ``ray job submit --working-dir <dir> -- <entrypoint>``; return its logs."""
     from ray.job_submission import JobStatus
 
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
+    job_id = retry(
+        lambda: client.submit_job(
+            entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)}
+        ),
+        f"submit {entrypoint}",
+    )
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while (status := client.get_job_status(job_id)) not in JobStatus.terminal_states():
+    while not (status := retry(lambda: client.get_job_status(job_id), "status")).is_terminal():
         if time.monotonic() > deadline:
+            logs = client.get_job_logs(job_id)
             client.stop_job(job_id)
-            pytest.fail(f"{entrypoint} still {status} after {JOB_TIMEOUT_S}s")
+            pytest.fail(f"{entrypoint} still {status} after {JOB_TIMEOUT_S}s\n{logs[-6000:]}")
         time.sleep(2.0)
-    logs = client.get_job_logs(job_id)
+    logs = retry(lambda: client.get_job_logs(job_id), "logs")
     assert status == JobStatus.SUCCEEDED, f"{entrypoint}: {status}\n{logs[-6000:]}"
     return logs
 
