@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitok.generator.config import GeneratorConfig
+from vitok.pipelines.search import SearchConfig
 from vitok.platform.config import apply_overrides, from_yaml, to_yaml
 from vitok.platform.data import DataConfig
 from vitok.platform.metrics import MetricsConfig
@@ -40,6 +41,7 @@ class ExperimentConfig:
     generator_train: TrainConfig | None = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     results_dir: str = "./results"
 
     def __post_init__(self) -> None:

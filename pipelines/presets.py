@@ -6,10 +6,12 @@ paper's setups need a GPU cluster and a dataset path (``--data``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.experiment import ExperimentConfig
+from vitok.pipelines.search import SearchConfig
 from vitok.platform.data import DataConfig
 from vitok.platform.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
@@ -54,6 +56,80 @@ def smoke() -> ExperimentConfig:
             log_every=5,
         ),
         generator=GeneratorConfig(size="N", num_classes=3, sampling_steps=10),
+    )
+
+
+def smoke_study() -> ExperimentConfig:
+    """`smoke` as a study: two trials (c = 2, 8), each with a tiny generator."""
+    cfg = smoke()
+    return dataclasses.replace(
+        cfg,
+        name="smoke-study",
+        train=dataclasses.replace(cfg.train, steps=12, cpus_per_worker=0.5),
+        generator_train=TrainConfig(
+            steps=12,
+            batch_size=4,
+            lr=1e-3,
+            warmup_steps=2,
+            checkpoint_every=0,
+            log_every=4,
+            cpus_per_worker=0.5,
+        ),
+        search=SearchConfig(mode="grid", sweeps=("c=2,8",), num_samples=2, max_concurrent=1),
+    )
+
+
+def demo() -> ExperimentConfig:
+    """The default study on a 2-core laptop: real sample clips plus synthetic ones, an E
+    sweep over p x c and an encoder and a decoder sweep at fixed E (7 trials), each with
+    a tiny generator. Minutes, not hours; the fits are what a CPU can say, not the paper."""
+    data = DataConfig(
+        sources=("samples", "synthetic"),
+        frames=4,
+        fps=8.0,
+        size=(32, 32),
+        synthetic_classes=4,
+        synthetic_videos=24,
+        clips_per_video=4,
+        val_fraction=0.2,
+    )
+    return ExperimentConfig(
+        name="demo",
+        data=data,
+        tokenizer=tokenizer_for(data, "M-M/2x8", channels=4),
+        loss=NO_LPIPS,
+        train=TrainConfig(
+            steps=150,
+            batch_size=8,
+            lr=2e-3,
+            warmup_steps=10,
+            checkpoint_every=75,
+            log_every=25,
+            eval_every=75,
+            cpus_per_worker=0.5,
+        ),
+        generator=GeneratorConfig(size="N", num_classes=8, sampling_steps=20),
+        generator_train=TrainConfig(
+            steps=60,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=5,
+            checkpoint_every=0,
+            log_every=20,
+            cpus_per_worker=0.5,
+        ),
+        search=SearchConfig(
+            mode="grid",
+            sweeps=(
+                "p=8 c=1,2,4,8,16",  # the E sweep (L = 32 tokens; E = 32 .. 512)
+                "p=4 c=1,4",  # the same E at another patch size (L = 128)
+                "encoder=N,T c=4",  # encoder sweep at fixed E
+                "decoder=N,T c=4",  # decoder sweep at fixed E
+            ),
+            objectives=("psnr:max",),
+            num_samples=8,
+            max_concurrent=2,
+        ),
     )
 
 
@@ -150,7 +226,9 @@ def paper_image_256() -> ExperimentConfig:
 
 
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "demo": demo,
     "smoke": smoke,
+    "smoke-study": smoke_study,
     "tokenizer-demo": tokenizer_demo,
     "paper-video-ucf": paper_video_ucf,
     "paper-image-256": paper_image_256,

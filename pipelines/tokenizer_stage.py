@@ -220,6 +220,7 @@ def run_tokenizer(
     run_name: str | None = None,
     fail_once_at_step: int | None = None,
     log_model: bool = True,
+    callbacks: list[Any] | None = None,
 ) -> TokenizerRun:
     """Train one tokenizer (stage 1, then stage 2 if configured), logging one MLflow run."""
     name = run_name or cfg.name
@@ -266,11 +267,18 @@ def run_tokenizer(
         )
 
     try:
-        stage1 = run_training(job(1, cfg.train, None), datasets, storage_path=out_dir / "ray")
+        stage1 = run_training(
+            job(1, cfg.train, None), datasets, storage_path=out_dir / "ray", callbacks=callbacks
+        )
         final, stage2 = stage1, None
         if cfg.stage2 is not None:
             init = str(Path(stage1.checkpoint_dir) / "model.pt")
-            stage2 = run_training(job(2, cfg.stage2, init), datasets, storage_path=out_dir / "ray")
+            stage2 = run_training(
+                job(2, cfg.stage2, init),
+                datasets,
+                storage_path=out_dir / "ray",
+                callbacks=callbacks,
+            )
             final = stage2
         metrics = {k: v for k, v in final.metrics.items() if k.startswith("val/")}
         if logger:

@@ -472,11 +472,13 @@ def run_training(
     datasets: Mapping[str, Any],
     *,
     storage_path: str | Path,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Fit ``job`` with a TorchTrainer; rerunning with the same name and storage resumes.
 
     ``datasets`` maps "train" (and optionally "val") to Ray Datasets; each worker reads its
     shard. The MLflow run (``job.run_id``) is created by the caller and marked here.
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -511,6 +513,7 @@ def run_training(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            callbacks=list(callbacks or []),
         ),
         datasets=dict(datasets),
     )
