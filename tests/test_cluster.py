@@ -364,6 +364,10 @@ def test_job_submission_runs_study_and_then_edited_code(ray_head, tmp_path: Path
     head, headers = ray_head
     work = copy_repo(tmp_path / "work")  # the folder a user runs `ray job submit` in
     client = connect(head, headers)
+    # Token auth is on (RAY_AUTH_MODE=token, as on the cluster): no token, no jobs API.
+    import requests
+
+    assert requests.get(f"{head.address}/api/jobs/", timeout=30).status_code == 401
 
     # 1. The smoke study, tracked through the MLFLOW_TRACKING_URI the head exported.
     run_job(client, STUDY_ENTRYPOINT, work)
