@@ -184,6 +184,13 @@ def _paper_train(batch_size: int) -> TrainConfig:
     )
 
 
+def _paper_generator_train(batch_size: int) -> TrainConfig:
+    """DiT-L on 8 GPUs: 500k steps at batch 256 in the paper."""
+    return dataclasses.replace(
+        _paper_train(batch_size), steps=500_000, lr=1e-4, scale_lr=False, eval_every=50_000
+    )
+
+
 def paper_video_ucf() -> ExperimentConfig:
     """ViTok S-B/4x8 on UCF-101 16x128x128 (a GPU cluster and --data /path/to/UCF-101)."""
     data = DataConfig(
@@ -202,6 +209,9 @@ def paper_video_ucf() -> ExperimentConfig:
         train=_paper_train(batch_size=32),  # 8 x 32 = 256 videos, as the paper
         stage2=_paper_train(batch_size=32),
         generator=GeneratorConfig(size="L", num_classes=101, guidance=2.0),
+        generator_train=_paper_generator_train(batch_size=32),
+        # The paper's video table: S-B/4x8, S-B/8x8, S-B/4x16.
+        search=SearchConfig(mode="grid", sweeps=("q=4,8 p=8", "q=4 p=16")),
     )
 
 
@@ -222,7 +232,24 @@ def paper_image_256() -> ExperimentConfig:
         train=_paper_train(batch_size=128),  # 8 x 128 = 1024 images, as the paper
         stage2=_paper_train(batch_size=128),
         generator=GeneratorConfig(size="L", num_classes=1000, guidance=1.5),
+        generator_train=_paper_generator_train(batch_size=32),
+        # The paper's E sweep at 256p: p in {8, 16, 32} x c in {4, ..., 64}.
+        search=SearchConfig(mode="grid", sweeps=("p=8,16,32 c=4,8,16,32,64",)),
     )
+
+
+def encoder_sweep() -> ExperimentConfig:
+    """The paper's encoder sweep at fixed E: S, B, L encoders with a B decoder (S-B/16)."""
+    cfg = paper_image_256()
+    search = dataclasses.replace(cfg.search, sweeps=("encoder=S,B,L",))
+    return dataclasses.replace(cfg, name="encoder-sweep", search=search)
+
+
+def decoder_sweep() -> ExperimentConfig:
+    """The paper's decoder sweep at fixed E: S, B, L decoders with an S encoder."""
+    cfg = paper_image_256()
+    search = dataclasses.replace(cfg.search, sweeps=("decoder=S,B,L",))
+    return dataclasses.replace(cfg, name="decoder-sweep", search=search)
 
 
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
@@ -232,6 +259,8 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "tokenizer-demo": tokenizer_demo,
     "paper-video-ucf": paper_video_ucf,
     "paper-image-256": paper_image_256,
+    "encoder-sweep": encoder_sweep,
+    "decoder-sweep": decoder_sweep,
 }
 
 

@@ -16,7 +16,7 @@ logged to the parent run and written to the study folder.
 
 from __future__ import annotations
 
-from vitok.platform.runtime import ray_runtime_env, use_shipped_code
+from vitok.platform.runtime import use_shipped_code
 
 use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
 
@@ -77,8 +77,7 @@ def run_trial(
     cfg = apply_overrides(base, list(overrides))
     name = trial_name(overrides)
     cfg = dataclasses.replace(cfg, name=name, results_dir=str(Path(study_dir) / "trials"))
-    with open(Path(study_dir) / TRIAL_LOG, "a") as f:  # evidence of what ran, for resume
-        f.write(json.dumps({"trial": name, "time": time.time()}) + "\n")
+    _log_trial(study_dir, name, "started")
     prepared = prepare(cfg.data, progress=False)  # the study prepared it: reused instantly
     tok = run_tokenizer(
         cfg,
@@ -102,6 +101,13 @@ def run_trial(
         )
         result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
     tune.report(result)
+    _log_trial(study_dir, name, "finished")
+
+
+def _log_trial(study_dir: str, name: str, event: str) -> None:
+    """Append-only evidence of what ran (a resumed study must not rerun finished trials)."""
+    with open(Path(study_dir) / TRIAL_LOG, "a") as f:
+        f.write(json.dumps({"trial": name, "event": event, "time": time.time()}) + "\n")
 
 
 # ----------------------------------------------------------------------------- the study
@@ -209,14 +215,44 @@ def _unique_trials(cfg: ExperimentConfig) -> list[tuple[str, ...]]:
     return out
 
 
-def run_study(cfg: ExperimentConfig, *, resume: bool = False, preset_name: str = "") -> StudyResult:
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail fast, with the fix, when a study cannot run here (a paper preset on a laptop)."""
     import ray
+
+    from vitok.platform.sources import parse_source
+
+    for src in cfg.data.sources:
+        kind, path = parse_source(src)
+        if path and not Path(path).expanduser().exists():
+            raise SystemExit(
+                f"error: data source {src!r} does not exist here; pass --data /path/to/dataset "
+                "(a folder of videos or images reachable from every node)"
+            )
+    for stage, train in (
+        ("train", cfg.train),
+        ("stage2", cfg.stage2),
+        ("generator_train", cfg.generator_train),
+    ):
+        if train is None or not train.use_gpu:
+            continue
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < train.num_workers:
+            raise SystemExit(
+                f"error: {stage} asks for {train.num_workers} GPU workers but this Ray cluster "
+                f"has {gpus:g} GPUs; run on a GPU cluster (see README, 'Run on a cluster') or "
+                f"--set {stage}.use_gpu=false --set {stage}.num_workers=1"
+            )
+
+
+def run_study(cfg: ExperimentConfig, *, resume: bool = False, preset_name: str = "") -> StudyResult:
     from ray import tune
 
-    from vitok.platform.data import prepare
+    from vitok.platform.data import ensure_ray, prepare
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    ensure_ray()
+    preflight(cfg)
     study_dir = _study_dir(cfg, resume)
     study_dir.mkdir(parents=True, exist_ok=True)
     # Trials run in other directories (and on other nodes): ship absolute paths only.
@@ -229,12 +265,6 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False, preset_name: str =
         results_dir=str(cfg.results_path),
     )
     (study_dir / "config.yaml").write_text(dump_config(cfg))
-    if not ray.is_initialized():
-        # The dashboard stays on: Tune's placement-group cleanup after an ASHA stop needs it.
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env=ray_runtime_env())
-        else:
-            ray.init(address="local", runtime_env=ray_runtime_env(), log_to_driver=True)
     prepared = prepare(cfg.data)
     parent = start_run(
         cfg.tracking,

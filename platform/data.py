@@ -171,15 +171,21 @@ def _write_reject(reject_dir: str, path: str, reason: str) -> None:
 
 
 def ensure_ray() -> None:
-    """Use the running Ray; else attach to ``RAY_ADDRESS`` (a job) or start a local one."""
+    """Use the running Ray; else attach to ``RAY_ADDRESS`` (a job) or start a local one.
+
+    Workers run the code this driver runs (``ray_runtime_env``), and the dashboard stays
+    on: Tune's placement-group cleanup after an early stop needs its state API.
+    """
     import ray
+
+    from vitok.platform.runtime import ray_runtime_env
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=ray_runtime_env())
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", runtime_env=ray_runtime_env())
 
 
 # ----------------------------------------------------------------------------- prepare
