@@ -257,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = task.build_model()

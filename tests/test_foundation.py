@@ -73,3 +73,45 @@ def test_importable_as_vitok_namespace():
         [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True
     )
     assert out.stdout.strip()
+
+
+def test_wheel_contains_every_python_folder(tmp_path):
+    """A built wheel holds only listed packages: a forgotten subfolder would silently vanish
+    from `pip install .` and from code shipped to a cluster."""
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    (wheel,) = tmp_path.glob("vitok-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    mapping = {
+        "platform": "vitok/platform",
+        "tokenizer": "vitok/tokenizer",
+        "generator": "vitok/generator",
+        "pipelines": "vitok/pipelines",
+    }
+    missing = []
+    for folder, package in mapping.items():
+        for path in (REPO / folder).rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            inside = f"{package}/{path.relative_to(REPO / folder).as_posix()}"
+            if inside not in names:
+                missing.append(inside)
+    assert missing == []
+    assert not any(n.startswith("vitok/__init__") for n in names)  # vitok stays a namespace
