@@ -29,7 +29,7 @@ PY = sys.executable
 RAY = str(Path(sys.executable).parent / "ray")
 # The study a cluster runs, submitted exactly as README "Run on a cluster" shows (the preset
 # changes). Switch to pipelines/scaling_study.py here once it exists.
-STUDY_ENTRYPOINT = "python pipelines/train_tokenizer.py --preset smoke --no-model"
+STUDY_ENTRYPOINT = "python pipelines/scaling_study.py --preset smoke"
 # The same submission on the CLI, as README shows it.
 README_SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . --"
 JOB_TIMEOUT_S = 300.0
@@ -237,7 +237,9 @@ class LocalHead:
             "--object-manager-port": free_port(),
             "--ray-client-server-port": free_port(),
         }
-        cmd = [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0"]
+        # 3 logical CPUs on 2 cores: a trial's driver holds a fraction of one, so with 2 a
+        # 1-CPU Ray Data read next to the 1-CPU Train worker never gets scheduled.
+        cmd = [RAY, "start", "--head", "--block", "--num-cpus=3", "--num-gpus=0"]
         cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
         cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
         cmd += [f"{k}={v}" for k, v in ports.items()]
