@@ -160,7 +160,7 @@ def tokenizer_demo() -> ExperimentConfig:
             log_every=20,
             cpus_per_worker=2,
         ),
-        generator=GeneratorConfig(size="N", num_classes=5, sampling_steps=25),
+        generator=GeneratorConfig(size="N", num_classes=8, sampling_steps=25),
     )
 
 
