@@ -54,6 +54,7 @@ def smoke() -> ExperimentConfig:
             warmup_steps=2,
             checkpoint_every=10,
             log_every=5,
+            cpus_per_worker=0.5,  # leaves room for data tasks and a trial driver on 2 cores
         ),
         generator=GeneratorConfig(size="N", num_classes=3, sampling_steps=10),
     )

@@ -44,6 +44,11 @@ SHARD_BYTES = 64 * 2**20  # target Parquet file size
 
 
 # ----------------------------------------------------------------------------- config
+# Shard reads are I/O: a quarter CPU each, so they still schedule beside training workers
+# and trial drivers on a 2-core machine (a whole-CPU read task there waits forever).
+READ_TASK_CPUS = 0.25
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Sources and preprocessing of the clip shards.
@@ -390,7 +395,9 @@ def clip_dataset(
     folder = prepared.root / _check_split(split)
     if prepared.count(split) == 0:
         raise ValueError(f"split={split!r} of {prepared.root} holds no clips")
-    ds = ray.data.read_parquet(str(folder), partitioning=None)
+    ds = ray.data.read_parquet(
+        str(folder), partitioning=None, ray_remote_args={"num_cpus": READ_TASK_CPUS}
+    )
     cfg_weights = tuple(prepared.manifest["config"].get("weights") or ())
     weights = cfg_weights if weights is None else weights
     if split == "train" and weights:

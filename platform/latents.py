@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitok.platform.data import READ_TASK_CPUS
+
+_READ_ARGS = {"num_cpus": READ_TASK_CPUS}
 STATS_FILE = "latent_stats.json"
 MANIFEST_FILE = "latents.json"
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -164,7 +167,9 @@ class LatentSet:
 
         if split not in self.splits:
             raise ValueError(f"split={split!r} is not allowed; choose one of {list(self.splits)}")
-        ds = ray.data.read_parquet(str(self.splits[split]), partitioning=None)
+        ds = ray.data.read_parquet(
+            str(self.splits[split]), partitioning=None, ray_remote_args=_READ_ARGS
+        )
         return ds.select_columns(["latent", "label"])
 
 
@@ -301,8 +306,9 @@ def _read(folder: Path, hive: bool = False) -> Any:
     import ray.data
 
     if hive:
-        return ray.data.read_parquet(str(folder))  # Ray's default partitioning is hive
-    return ray.data.read_parquet(str(folder), partitioning=None)
+        # Ray's default partitioning is hive
+        return ray.data.read_parquet(str(folder), ray_remote_args=_READ_ARGS)
+    return ray.data.read_parquet(str(folder), partitioning=None, ray_remote_args=_READ_ARGS)
 
 
 def _stack(column: np.ndarray) -> np.ndarray:

@@ -239,7 +239,7 @@ class LocalHead:
         }
         # 3 logical CPUs on 2 cores: a trial's driver holds a fraction of one, so with 2 a
         # 1-CPU Ray Data read next to the 1-CPU Train worker never gets scheduled.
-        cmd = [RAY, "start", "--head", "--block", "--num-cpus=3", "--num-gpus=0"]
+        cmd = [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0"]
         cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
         cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
         cmd += [f"{k}={v}" for k, v in ports.items()]
