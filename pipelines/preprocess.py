@@ -17,8 +17,12 @@ import dataclasses
 import os
 import sys
 
-from vitok.platform.config import apply_overrides, flatten
-from vitok.platform.data import DataConfig, PreparedData, ensure_ray, prepare
+from vitok.platform.runtime import use_shipped_code
+
+use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
+
+from vitok.platform.config import apply_overrides, flatten  # noqa: E402
+from vitok.platform.data import DataConfig, PreparedData, ensure_ray, prepare  # noqa: E402
 
 
 def build_config(args: argparse.Namespace) -> DataConfig:

@@ -19,17 +19,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from vitok.pipelines.experiment import (
+from vitok.platform.runtime import use_shipped_code
+
+use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
+
+from vitok.pipelines.experiment import (  # noqa: E402
     ExperimentConfig,
     add_config_arguments,
     dump_config,
     resolve_config,
 )
-from vitok.pipelines.generator_stage import SAMPLES_PER_CLASS, run_generator
-from vitok.pipelines.presets import PRESETS, preset
-from vitok.platform.config import apply_overrides, from_yaml
-from vitok.platform.data import ensure_ray, prepare
-from vitok.platform.tracking import resolve_uri
+from vitok.pipelines.generator_stage import SAMPLES_PER_CLASS, run_generator  # noqa: E402
+from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
+from vitok.platform.config import apply_overrides, from_yaml  # noqa: E402
+from vitok.platform.data import ensure_ray, prepare  # noqa: E402
+from vitok.platform.tracking import resolve_uri  # noqa: E402
 
 
 def tokenizer_from_run(uri: str, run_id: str) -> tuple[str, ExperimentConfig | None]:

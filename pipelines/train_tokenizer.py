@@ -15,11 +15,15 @@ import dataclasses
 import sys
 import time
 
-from vitok.pipelines.experiment import add_config_arguments, dump_config, resolve_config
-from vitok.pipelines.presets import PRESETS, preset
-from vitok.pipelines.tokenizer_stage import run_tokenizer
-from vitok.platform.data import ensure_ray, prepare
-from vitok.platform.tracking import resolve_uri
+from vitok.platform.runtime import use_shipped_code
+
+use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
+
+from vitok.pipelines.experiment import add_config_arguments, dump_config, resolve_config  # noqa: E402
+from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
+from vitok.pipelines.tokenizer_stage import run_tokenizer  # noqa: E402
+from vitok.platform.data import ensure_ray, prepare  # noqa: E402
+from vitok.platform.tracking import resolve_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
