@@ -390,14 +390,11 @@ def clip_dataset(
     ``clip_index`` and ``source_id``. ``weights`` (one per source; default: the config's)
     mix the training split by keeping a deterministic fraction of each source's clips.
     """
-    import ray.data
 
     folder = prepared.root / _check_split(split)
     if prepared.count(split) == 0:
         raise ValueError(f"split={split!r} of {prepared.root} holds no clips")
-    ds = ray.data.read_parquet(
-        str(folder), partitioning=None, ray_remote_args={"num_cpus": READ_TASK_CPUS}
-    )
+    ds = read_shards(folder)
     cfg_weights = tuple(prepared.manifest["config"].get("weights") or ())
     weights = cfg_weights if weights is None else weights
     if split == "train" and weights:
@@ -409,6 +406,29 @@ def clip_dataset(
     if columns is not None:
         ds = ds.select_columns(list(columns))
     return ds
+
+
+def read_shards(folder: str | Path, *, partitioning: Any = None) -> Any:
+    """``ray.data.read_parquet`` of our shards, sized to share a small machine.
+
+    Read tasks ask a quarter CPU. Ray Data's V2 reader adds a ListFiles step that always
+    asks a whole CPU and takes no remote args; beside a trial driver and training workers
+    on 2 cores, two of those deadlock concurrent trials, so these reads use the V1 path
+    (the setting is copied into this dataset alone, at creation).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(
+            str(folder),
+            partitioning=partitioning,
+            ray_remote_args={"num_cpus": READ_TASK_CPUS},
+        )
+    finally:
+        ctx.use_datasource_v2 = previous
 
 
 def _mix_fractions(prepared: PreparedData, weights: tuple[float, ...]) -> list[float]:

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitok.platform.data import READ_TASK_CPUS
+from vitok.platform.data import read_shards
 
-_READ_ARGS = {"num_cpus": READ_TASK_CPUS}
 STATS_FILE = "latent_stats.json"
 MANIFEST_FILE = "latents.json"
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -163,13 +162,10 @@ class LatentSet:
 
     def dataset(self, split: str) -> Any:
         """One split as a ``ray.data.Dataset`` with ``latent`` and ``label`` columns."""
-        import ray.data
 
         if split not in self.splits:
             raise ValueError(f"split={split!r} is not allowed; choose one of {list(self.splits)}")
-        ds = ray.data.read_parquet(
-            str(self.splits[split]), partitioning=None, ray_remote_args=_READ_ARGS
-        )
+        ds = read_shards(self.splits[split])
         return ds.select_columns(["latent", "label"])
 
 
@@ -303,12 +299,9 @@ def _tag_split(batch: dict[str, np.ndarray], *, split: str) -> dict[str, np.ndar
 
 def _read(folder: Path, hive: bool = False) -> Any:
     """Parquet under ``folder``; ``hive`` adds ``key=value`` folder names as columns."""
-    import ray.data
+    from ray.data.datasource import Partitioning
 
-    if hive:
-        # Ray's default partitioning is hive
-        return ray.data.read_parquet(str(folder), ray_remote_args=_READ_ARGS)
-    return ray.data.read_parquet(str(folder), partitioning=None, ray_remote_args=_READ_ARGS)
+    return read_shards(folder, partitioning=Partitioning("hive") if hive else None)
 
 
 def _stack(column: np.ndarray) -> np.ndarray:
