@@ -44,9 +44,10 @@ SHARD_BYTES = 64 * 2**20  # target Parquet file size
 
 
 # ----------------------------------------------------------------------------- config
-# Shard reads are I/O: a quarter CPU each, so they still schedule beside training workers
-# and trial drivers on a 2-core machine (a whole-CPU read task there waits forever).
-READ_TASK_CPUS = 0.25
+# Light tasks (shard reads and writes, row tagging, filtering) ask a quarter CPU each, so
+# they still schedule beside training workers, encoder actors and trial drivers on a
+# 2-core machine; Ray's default of one whole CPU per task deadlocks concurrent trials there.
+LIGHT_TASK_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,7 @@ def clip_dataset(
         ds = ds.map_batches(
             _keep_fraction,
             batch_format="numpy",
+            num_cpus=LIGHT_TASK_CPUS,
             fn_kwargs={"keep": _mix_fractions(prepared, weights)},
         )
     if columns is not None:
@@ -425,7 +427,7 @@ def read_shards(folder: str | Path, *, partitioning: Any = None) -> Any:
         return ray.data.read_parquet(
             str(folder),
             partitioning=partitioning,
-            ray_remote_args={"num_cpus": READ_TASK_CPUS},
+            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
         )
     finally:
         ctx.use_datasource_v2 = previous

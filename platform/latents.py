@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitok.platform.data import read_shards
+from vitok.platform.data import LIGHT_TASK_CPUS, read_shards
 
 STATS_FILE = "latent_stats.json"
 MANIFEST_FILE = "latents.json"
@@ -217,7 +217,10 @@ def extract_latents(
         # One actor pool for every split: tag rows with their split, encode, partition by it.
         tagged = [
             ds.select_columns([column, "label"]).map_batches(
-                _tag_split, fn_kwargs={"split": split}, batch_format="numpy"
+                _tag_split,
+                fn_kwargs={"split": split},
+                batch_format="numpy",
+                num_cpus=LIGHT_TASK_CPUS,
             )
             for split, ds in datasets.items()
         ]
@@ -236,7 +239,12 @@ def extract_latents(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
         )
-        latents.write_parquet(str(tmp / "shards"), partition_cols=["split"], mode="overwrite")
+        latents.write_parquet(
+            str(tmp / "shards"),
+            partition_cols=["split"],
+            mode="overwrite",
+            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
+        )
         # One pass back over everything: counts, channel moments, token-pooled features.
         counts = {split: 0 for split in datasets}
         pooled: dict[str, list[np.ndarray]] = {split: [] for split in datasets}
