@@ -81,7 +81,7 @@ def smoke_study() -> ExperimentConfig:
 
 
 def demo() -> ExperimentConfig:
-    """The default study on a 2-core laptop (about 10 minutes): real sample clips plus
+    """The default study on a 2-core laptop (about 15 minutes): real sample clips plus
     synthetic ones, an E sweep over c at p=4 and an encoder and a decoder sweep at fixed E
     (9 trials), each with a tiny generator.
 
