@@ -106,3 +106,26 @@ def resolve_config(
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return to_yaml(cfg)
+
+
+def print_run_summary(
+    title: str,
+    metrics: dict[str, float],
+    checkpoint_dir: str,
+    run_id: str | None,
+    tracking_uri: str | None,
+) -> None:
+    """The closing lines of a training entry point: metrics, checkpoint, where to look."""
+    from vitok.platform.tracking import resolve_uri
+
+    width = max([16, *(len(k) for k in metrics)])
+    print()
+    print(f"[vitok] {title}")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key:<{width}} {value:.4f}")
+    print(f"  {'checkpoint':<{width}} {checkpoint_dir}")
+    if run_id:
+        print(f"  {'mlflow run':<{width}} {run_id}")
+        print(
+            f"  {'browse with':<{width}} mlflow ui --backend-store-uri {resolve_uri(tracking_uri)}"
+        )

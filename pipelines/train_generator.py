@@ -27,6 +27,7 @@ from vitok.pipelines.experiment import (  # noqa: E402
     ExperimentConfig,
     add_config_arguments,
     dump_config,
+    print_run_summary,
     resolve_config,
 )
 from vitok.pipelines.generator_stage import SAMPLES_PER_CLASS, run_generator  # noqa: E402
@@ -104,17 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         samples_per_class=args.samples_per_class,
     )
     minutes = (time.perf_counter() - t0) / 60
-    print()
-    print(
-        f"[vitok] DiT-{cfg.generator.size} on {cfg.tokenizer.variant} latents "
+    title = (
+        f"DiT-{cfg.generator.size} on {cfg.tokenizer.variant} latents "
         f"{tuple(run.latents.latent_shape)} trained in {minutes:.1f} min"
     )
-    for key, value in sorted(run.metrics.items()):
-        print(f"  {key:<36} {value:.4f}")
-    print(f"  checkpoint       {run.checkpoint_dir}")
-    if run.run_id:
-        print(f"  mlflow run       {run.run_id}")
-        print(f"  browse with      mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)}")
+    print_run_summary(title, run.metrics, run.checkpoint_dir, run.run_id, cfg.tracking.uri)
     return 0
 
 

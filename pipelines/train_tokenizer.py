@@ -19,11 +19,15 @@ from vitok.platform.runtime import use_shipped_code
 
 use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
 
-from vitok.pipelines.experiment import add_config_arguments, dump_config, resolve_config  # noqa: E402
+from vitok.pipelines.experiment import (  # noqa: E402
+    add_config_arguments,
+    dump_config,
+    print_run_summary,
+    resolve_config,
+)
 from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
 from vitok.pipelines.tokenizer_stage import run_tokenizer  # noqa: E402
 from vitok.platform.data import ensure_ray, prepare  # noqa: E402
-from vitok.platform.tracking import resolve_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,18 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare(cfg.data)
     run = run_tokenizer(cfg, prepared, log_model=not args.no_model)
     minutes = (time.perf_counter() - t0) / 60
-    print()
-    print(
-        f"[vitok] {cfg.tokenizer.variant} c={cfg.tokenizer.channels} "
-        f"E={cfg.tokenizer.latent_floats} trained in {minutes:.1f} min"
+    title = (
+        f"{cfg.tokenizer.variant} c={cfg.tokenizer.channels} E={cfg.tokenizer.latent_floats} "
+        f"trained in {minutes:.1f} min"
     )
-    for key, value in sorted(run.metrics.items()):
-        print(f"  {key:<16} {value:.4f}")
-    print(f"  checkpoint       {run.checkpoint_dir}")
-    if run.run_id:
-        uri = resolve_uri(cfg.tracking.uri)
-        print(f"  mlflow run       {run.run_id}")
-        print(f"  browse with      mlflow ui --backend-store-uri {uri}")
+    print_run_summary(title, run.metrics, run.checkpoint_dir, run.run_id, cfg.tracking.uri)
     return 0
 
 
