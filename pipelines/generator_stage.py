@@ -34,6 +34,7 @@ from vitok.generator.dit import DiT
 from vitok.generator.task import GeneratorTask, load_generator
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.tokenizer_stage import load_tokenizer
+from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_dataset, to_model_input
 from vitok.platform.latents import LatentSet, LatentStats, extract_latents
@@ -53,6 +54,7 @@ from vitok.platform.train import (
     TrainJob,
     TrainResult,
     load_model_state,
+    load_task_state,
     run_training,
 )
 from vitok.tokenizer.config import TokenizerConfig
@@ -135,12 +137,13 @@ def latents_for(
     tokenizer_checkpoint: str,
     model: TokenizerConfig,
     crop: tuple[int, int] | None,
-    out_root: Path,
+    out_root: str,
     train: TrainConfig,
 ) -> LatentSet:
-    """Latents of the prepared clips, keyed by tokenizer checkpoint, config and data hash."""
+    """Latents of the prepared clips under ``out_root`` (storage), keyed by tokenizer
+    checkpoint, config and data hash."""
     key_src = {
-        "checkpoint": str(Path(tokenizer_checkpoint).resolve()),
+        "checkpoint": tokenizer_checkpoint,
         "tokenizer": to_dict(model),
         "crop": list(crop) if crop else None,
         "data": prepared.config_hash,
@@ -151,8 +154,8 @@ def latents_for(
         datasets["val"] = clip_dataset(prepared, "val")
     return extract_latents(
         datasets,
-        TokenizerEncoder(str(Path(tokenizer_checkpoint).resolve()), model, crop),
-        out_root / key,
+        TokenizerEncoder(tokenizer_checkpoint, model, crop),
+        storage.join(out_root, key),
         batch_size=train.batch_size,
         num_cpus=train.cpus_per_worker,
         num_gpus=1.0 if train.use_gpu else 0.0,
@@ -323,6 +326,7 @@ def run_generator(
     prepared: PreparedData,
     tokenizer_checkpoint: str | Path,
     *,
+    run_dir: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
     tokenizer_run_id: str | None = None,
@@ -330,9 +334,11 @@ def run_generator(
 ) -> GeneratorRun:
     """Train and evaluate one generator on a frozen tokenizer, logging one MLflow run.
 
-    ``cfg.generator_train`` must be set. Rerunning with the same name resumes the training
-    and reuses the latents. ``metrics`` holds ``val/diffusion_loss`` and the generation
-    metrics (``frechet_tokenizer_latent`` ...; ``gfid`` / ``gfvd`` with weight files).
+    ``cfg.generator_train`` must be set. ``run_dir`` (default ``<storage root>/runs/<name>``)
+    keeps the MLflow run id, the latents and the Ray Train storage: rerunning with the same
+    name resumes the training and reuses the latents. ``metrics`` holds
+    ``val/diffusion_loss`` and the generation metrics (``frechet_tokenizer_latent`` ...;
+    ``gfid`` / ``gfvd`` with weight files).
     """
     train = cfg.generator_train
     if train is None:
@@ -345,9 +351,9 @@ def run_generator(
         )
     if samples_per_class < 1:
         raise ValueError(f"samples_per_class={samples_per_class!r} must be >= 1")
-    tokenizer_checkpoint = str(Path(tokenizer_checkpoint).expanduser().resolve())
+    tokenizer_checkpoint = storage.resolve_root(str(tokenizer_checkpoint))
     name = run_name or f"{cfg.name}-generator"
-    out_dir = cfg.results_path / name
+    out_dir = run_dir or cfg.run_dir(name)
     tags = {
         "vitok.kind": "generator",
         "vitok.variant": cfg.tokenizer.variant,
@@ -358,7 +364,7 @@ def run_generator(
     run_id = start_run(
         cfg.tracking,
         name,
-        resume_file=out_dir / "mlflow_run_id",
+        resume_file=storage.join(out_dir, "mlflow_run_id"),
         parent_run_id=parent_run_id,
         tags=tags,
     )
@@ -366,7 +372,12 @@ def run_generator(
     try:
         crop = cfg.data.crop
         latent_set = latents_for(
-            prepared, tokenizer_checkpoint, cfg.tokenizer, crop, out_dir / "latents", train
+            prepared,
+            tokenizer_checkpoint,
+            cfg.tokenizer,
+            crop,
+            storage.join(out_dir, "latents"),
+            train,
         )
         latent_shape = latent_set.latent_shape  # (t, h, w, c)
         channels = latent_shape[-1]
@@ -390,7 +401,7 @@ def run_generator(
                 {"generator": to_dict(cfg.generator), "generator_train": to_dict(train)}
             )
             logger.log_text(dump_config(cfg), "config.yaml")
-            logger.log_artifact(latent_set.stats_path, "latents")
+            logger.log_dict(dataclasses.asdict(latent_set.stats), "latents/latent_stats.json")
             logger.log_metrics({f"latents/{s}": n for s, n in latent_set.counts.items()})
 
         datasets = {split: latent_set.dataset(split) for split in latent_set.splits}
@@ -406,7 +417,7 @@ def run_generator(
             run_id=run_id,
             params=params,
         )
-        result = run_training(job, datasets, storage_path=out_dir / "ray")
+        result = run_training(job, datasets, storage_path=storage.join(out_dir, "ray"))
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
         metrics.update(
             evaluate_generation(
@@ -444,13 +455,11 @@ def evaluate_generation(
     """Sample ``samples_per_class`` clips per data class from the EMA generator, decode them,
     log the grid / mp4, and return the generation metrics (see the module docstring)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ckpt = Path(generator_checkpoint)
-    extra_path = ckpt / "task_state.pt"
-    extra = None
-    if extra_path.exists():
-        extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+    extra = load_task_state(generator_checkpoint) or None
     channels = latent_set.latent_shape[-1]
-    dit = load_generator(load_model_state(ckpt), cfg.generator, channels, extra).to(device)
+    dit = load_generator(load_model_state(generator_checkpoint), cfg.generator, channels, extra).to(
+        device
+    )
     tokenizer = load_tokenizer(tokenizer_checkpoint, cfg.tokenizer).to(device)
     names = [n for n, _ in sorted(prepared.label_map.items(), key=lambda kv: kv[1])]
     labels = [i for i in range(len(names)) for _ in range(samples_per_class)]

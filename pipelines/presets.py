@@ -13,6 +13,7 @@ from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.experiment import ExperimentConfig
 from vitok.pipelines.search import SearchConfig
 from vitok.platform.data import DataConfig
+from vitok.platform.metrics import MetricsConfig
 from vitok.platform.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.losses import LossConfig
@@ -216,6 +217,7 @@ def paper_video_ucf() -> ExperimentConfig:
         train=_paper_train(batch_size=32),  # 8 x 32 = 256 videos, as the paper
         stage2=_paper_train(batch_size=32),
         generator=GeneratorConfig(size="L", num_classes=101, guidance=2.0),
+        metrics=MetricsConfig(require=("fid", "fvd")),  # rFID/rFVD, gFVD: the paper's table
         generator_train=_paper_generator_train(batch_size=32),
         # The paper's video table: S-B/4x8, S-B/8x8, S-B/4x16.
         search=SearchConfig(mode="grid", sweeps=("q=4,8 p=8", "q=4 p=16")),
@@ -239,6 +241,7 @@ def paper_image_256() -> ExperimentConfig:
         train=_paper_train(batch_size=128),  # 8 x 128 = 1024 images, as the paper
         stage2=_paper_train(batch_size=128),
         generator=GeneratorConfig(size="L", num_classes=1000, guidance=1.5),
+        metrics=MetricsConfig(require=("fid",)),  # rFID and gFID: the paper's table
         generator_train=_paper_generator_train(batch_size=32),
         # The paper's E sweep at 256p: p in {8, 16, 32} x c in {4, ..., 64}.
         search=SearchConfig(mode="grid", sweeps=("p=8,16,32 c=4,8,16,32,64",)),

@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import Tensor
 
 from vitok.platform import fvd, inception
+from vitok.platform.config import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,13 @@ class MetricsConfig:
     i3d_weights: str | None = None  # StyleGAN-V's i3d_torchscript.pt
     fvd_num_frames: int = fvd.FVD_NUM_FRAMES
     feature_batch_size: int = 32
+    # Metrics a study must produce ("fid", "fvd"): their weight files are checked before any
+    # compute, instead of the metric being skipped at evaluation.
+    require: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for metric in self.require:
+            check_choice("metrics.require", metric, ("fid", "fvd"))
         for name in ("inception_weights", "i3d_weights"):
             value = getattr(self, name)
             if value is not None and not value.strip():
