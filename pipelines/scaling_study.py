@@ -52,9 +52,9 @@ from vitok.platform.report import (  # noqa: E402
 from vitok.platform.study import (  # noqa: E402
     FINISHED,
     StudyStore,
-    commit_stopped_trials,
     report_to_tune_callback,
     seeded_optuna_storage,
+    study_progress,
 )
 from vitok.platform.tracking import RunLogger, resolve_uri, start_run  # noqa: E402
 
@@ -185,7 +185,7 @@ def _tuner(
         name=f"attempt-{attempt}",
         storage_path=store.path("tune"),
         failure_config=FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
-        callbacks=[commit_stopped_trials(store, lambda c: trial_name(trial_overrides(c)))],
+        callbacks=[study_progress(store, lambda c: trial_name(trial_overrides(c)), _trial_line)],
         verbose=1,
     )
     if search.mode == "grid":
@@ -241,6 +241,15 @@ def _tuner(
     return tuner, db
 
 
+def _trial_line(result: dict[str, Any]) -> str:
+    """``E=1024, PSNR 21.3 dB, SSIM 0.61`` for the console line of a finished trial."""
+    shown = [f"E={result['E']}"] if "E" in result else []
+    for key, label, unit in (("val/psnr", "PSNR", " dB"), ("val/ssim", "SSIM", "")):
+        if key in result:
+            shown.append(f"{label} {result[key]:.3g}{unit}")
+    return ", ".join(shown) or "no metrics"
+
+
 def _unique_trials(cfg: ExperimentConfig) -> list[tuple[str, ...]]:
     """Grid trials, dropping any whose resolved config equals an earlier one."""
     seen: set[str] = set()
@@ -272,7 +281,11 @@ def missing_weight_files(cfg: ExperimentConfig) -> list[str]:
                 if not Path(path).expanduser().is_file():
                     problems.append(f"loss.{field}={path!r} is not a file on this node")
     files = {
-        "fid": ("inception_weights", "VITOK_INCEPTION_WEIGHTS", "pt_inception-2015-12-05.pth"),
+        "fid": (
+            "inception_weights",
+            "VITOK_INCEPTION_WEIGHTS",
+            "pt_inception-2015-12-05-6726825d.pth",
+        ),
         "fvd": ("i3d_weights", "VITOK_I3D_WEIGHTS", "i3d_torchscript.pt"),
     }
     for metric in cfg.metrics.require:
@@ -364,7 +377,6 @@ def preflight(cfg: ExperimentConfig, wait_s: float = 1800.0) -> bool:
 def run_study(
     cfg: ExperimentConfig, *, resume: bool = False, force: bool = False, preset_name: str = ""
 ) -> StudyResult:
-
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
@@ -651,6 +663,9 @@ def _write_report_files(
     if logger:
         logger.log_artifact(out / "trials.csv", "report")
         logger.log_text(text, "report/report.md")
+        # The parent run's description (a tag: MLflow keeps at most 8000 characters).
+        note = text if len(text) < 7500 else text[:7500] + "\n\n(cut: see report/report.md)"
+        logger.set_tags({"mlflow.note.content": note})
     return fits
 
 

@@ -190,23 +190,33 @@ def report_to_tune_callback(required: Sequence[str], constants: Mapping[str, Any
     return _ReportObjectives()
 
 
-def commit_stopped_trials(store: StudyStore, trial_name: Callable[[dict], str]) -> Any:
-    """A Tune callback (on the study driver): a trial the scheduler stopped early (ASHA) is
-    committed as ``stopped`` with its last result, so a resumed study does not rerun it."""
+def study_progress(
+    store: StudyStore, trial_name: Callable[[dict], str], summary: Callable[[dict], str]
+) -> Any:
+    """A Tune callback on the study driver: one line per trial that ends (``summary`` of its
+    result), and a trial the scheduler stopped early (ASHA) committed as ``stopped`` with its
+    last result, so a resumed study does not rerun it."""
     from ray.tune import Callback
 
-    class _CommitStopped(Callback):
+    class _StudyProgress(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
             name = trial_name(trial.config)
-            if store.result(name) is None and trial.last_result:
-                last = {
-                    k: v
-                    for k, v in trial.last_result.items()
-                    if isinstance(v, int | float | str) and not k.startswith("time_")
-                }
+            last = {
+                k: v
+                for k, v in (trial.last_result or {}).items()
+                if isinstance(v, int | float | str) and not k.startswith("time_")
+            }
+            status = FINISHED
+            if store.result(name) is None and last:
                 store.commit(name, {**last, "params": dict(trial.config)}, status=STOPPED)
+                status = STOPPED
+            minutes = float((trial.last_result or {}).get("time_total_s", 0.0)) / 60
+            print(f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min", flush=True)
 
-    return _CommitStopped()
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
+            print(f"[vitok] trial {trial_name(trial.config)} failed: {trial.error_file}")
+
+    return _StudyProgress()
 
 
 def seeded_optuna_storage(
@@ -244,7 +254,7 @@ __all__ = [
     "FINISHED",
     "STOPPED",
     "StudyStore",
-    "commit_stopped_trials",
+    "study_progress",
     "report_to_tune_callback",
     "seeded_optuna_storage",
 ]

@@ -128,6 +128,7 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
     assert kinds == ["generator", "generator", "tokenizer", "tokenizer"]
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert "report/scaling_E.png" in parent_artifacts
+    assert "R^2" in client.get_run(result.parent_run_id).data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
