@@ -184,7 +184,8 @@ def _tuner(
     run_config = RunConfig(
         name=f"attempt-{attempt}",
         storage_path=store.path("tune"),
-        failure_config=FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
+        # A retried trial resumes: committed results return at once, Train runs restore.
+        failure_config=FailureConfig(max_failures=search.max_failures),
         callbacks=[study_progress(store, lambda c: trial_name(trial_overrides(c)), _trial_line)],
         verbose=1,
     )

@@ -39,6 +39,8 @@ class SearchConfig:
     asha_grace_period: int = 1
     max_concurrent: int = 1
     trial_cpus: float = 0.01  # the trial's own driver; its Train workers ask for theirs
+    # Retries of a trial whose driver died (a node lost): it resumes from its checkpoints.
+    max_failures: int = 2
     # Extra Ray resources for the trial's driver, "name=amount" (pins trials to a node type).
     trial_resources: tuple[str, ...] = ()
     seed: int = 0
@@ -49,6 +51,7 @@ class SearchConfig:
         check_positive("search.max_concurrent", self.max_concurrent)
         check_positive("search.trial_cpus", self.trial_cpus)
         check_positive("search.asha_grace_period", self.asha_grace_period)
+        check_positive("search.max_failures", self.max_failures, allow_zero=True)
         for sweep in self.sweeps:
             parse_sweep(sweep)
         if not self.objectives:

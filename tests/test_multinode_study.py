@@ -6,13 +6,15 @@ namespace. Both nodes' scratch and temp folders (``VITOK_SCRATCH``, ``TMPDIR``) 
 path, which the worker node covers with a private tmpfs: anything one node writes there, the
 other cannot see. The study is submitted as the README says (``ray job submit --working-dir
 .``), with trials pinned to the worker node by a custom resource, so every piece of state a
-trial needs must come through the storage root.
+trial needs must come through the storage root. Mid-way, the worker node's raylet is killed
+and the node started again: the trial is retried and resumes from its checkpoint in S3.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,21 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
         bucket, cluster = stack.bucket, stack.ray
         root = f"s3://{bucket}/vitok"
         client = cluster.client()
-        logs = run_job(client, _study_command(root), work, timeout=1200)
+        first_worker = cluster.worker_node_id
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(run_job, client, _study_command(root), work, timeout=1200)
+            # Mid-trial, once the first trial's stage 1 has a checkpoint in the bucket, the
+            # worker node dies (its raylet SIGKILLed) and comes back as a new node.
+            first_ckpt = "vitok/studies/smoke-study/trials/c2/ray/c2-stage1/checkpoint_"
+            deadline = time.monotonic() + 900
+            while not any(k.startswith(first_ckpt) for k in stack.s3.keys(bucket, "vitok/")):
+                assert not job.done(), job.result()[-6000:]
+                assert time.monotonic() < deadline, "no stage-1 checkpoint appeared"
+                time.sleep(1.0)
+            cluster.kill_worker_raylet()
+            cluster.wait_node_dead(first_worker)
+            assert cluster.restart_worker() != first_worker
+            logs = job.result()
         assert "study smoke-study: 2 trials finished, 0 failed" in logs, logs[-6000:]
 
         keys = stack.s3.keys(bucket, "vitok/")
@@ -64,6 +80,7 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
                 Bucket=bucket, Key=f"{study}/trials/{trial}/result.json"
             )["Body"]
             result = json.loads(body.read())
+            # The restarted worker node ran both to the end (pinned there; the old one died).
             assert result["status"] == "finished" and result["node_id"] == cluster.worker_node_id
             assert result["tokenizer_checkpoint"].startswith(f"{root}/studies/smoke-study/")
             # Checkpoints persisted from the worker node into the bucket.
@@ -104,6 +121,11 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
         assert shipped, "the job's unpacked working_dir was not found"
         for folder in [work, *shipped]:
             assert not (folder / "results").exists() and not (folder / "mlflow.db").exists()
+
+        # Each trial finished once; the killed one resumed its Train run from the checkpoint.
+        finished = [k for k in stack.s3.keys(bucket, f"{study}/events/") if "finished" in k]
+        assert sorted(k.rsplit("-", 2)[-2] for k in finished) == ["c2", "c8"], finished
+        assert "c2-stage1: resumed at step" in logs, logs[-6000:]
 
         # --resume from a changed checkout finds the study by name; nothing reruns.
         with (work / "pipelines" / "presets.py").open("a") as f:
