@@ -43,6 +43,10 @@ class StudyStore:
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the location travels (to trials, Tune callbacks): the lease stays here."""
+        return {"uri": self.uri}
+
     @property
     def name(self) -> str:
         return storage.name(self.uri)

@@ -320,7 +320,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if extra.exists():
                 task.load_extra_state(torch.load(extra, map_location="cpu", weights_only=True))
         if rank == 0:
-            print(f"[vitok] {job.name}: resumed at step {state['step']} (epoch {state['epoch']})")
+            print(
+                f"[vitok] {job.name}: resumed at step {state['step']} (epoch {state['epoch']})",
+                flush=True,
+            )
 
     logger = None
     monitor = None

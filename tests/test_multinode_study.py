@@ -58,11 +58,12 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
         first_worker = cluster.worker_node_id
         with ThreadPoolExecutor(1) as pool:
             job = pool.submit(run_job, client, _study_command(root), work, timeout=1200)
-            # Mid-trial, once the first trial's stage 1 has a checkpoint in the bucket, the
-            # worker node dies (its raylet SIGKILLed) and comes back as a new node.
-            first_ckpt = "vitok/studies/smoke-study/trials/c2/ray/c2-stage1/checkpoint_"
+            # Mid-trial, once Ray Train has registered the first trial's stage-1 checkpoint in
+            # the bucket, the worker node dies (its raylet SIGKILLed) and comes back as a new
+            # node.
+            registered = "vitok/studies/smoke-study/trials/c2/ray/c2-stage1/checkpoint_manager"
             deadline = time.monotonic() + 900
-            while not any(k.startswith(first_ckpt) for k in stack.s3.keys(bucket, "vitok/")):
+            while not any(k.startswith(registered) for k in stack.s3.keys(bucket, "vitok/")):
                 assert not job.done(), job.result()[-6000:]
                 assert time.monotonic() < deadline, "no stage-1 checkpoint appeared"
                 time.sleep(1.0)
@@ -70,6 +71,7 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
             cluster.wait_node_dead(first_worker)
             assert cluster.restart_worker() != first_worker
             logs = job.result()
+        (tmp_path / "job.log").write_text(logs)
         assert "study smoke-study: 2 trials finished, 0 failed" in logs, logs[-6000:]
 
         keys = stack.s3.keys(bucket, "vitok/")

@@ -89,3 +89,14 @@ def test_two_drivers_starting_together_one_wins(tmp_path: Path):
     won = [out for out, _ in outs if "WON" in out]
     refused = [err for _, err in outs if "error: " in err]
     assert len(won) == 1 and len(refused) == 1, outs
+
+
+def test_a_held_store_pickles_as_its_location(tmp_path: Path):
+    import pickle
+
+    store = StudyStore(str(tmp_path / "studies" / "s"))
+    store.acquire(settle_s=0.0)
+    copy = pickle.loads(pickle.dumps(store))  # Tune pickles its callbacks and trainables
+    assert copy.uri == store.uri and copy.release() is None  # a copy holds no lease
+    assert storage.exists(store.path(LEASE_FILE))
+    store.release()
