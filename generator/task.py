@@ -1,7 +1,8 @@
 """The generator's training task: what the platform's worker loop calls (pure torch).
 
 A class-conditional DiT learns the diffusion objective on normalised tokenizer latents;
-an exponential moving average (EMA) of its weights is kept for sampling, as in DiT.
+an exponential moving average (EMA, with warm-up; the class the tokenizer's stage 2 uses
+too) of its weights is kept for sampling, as in DiT.
 
 Batches are ``{"z": (B, t, h, w, c) float, normalised latents, "label": (B,) int}``.
 """
@@ -19,52 +20,7 @@ from torch import Tensor, nn
 from vitok.generator.config import GeneratorConfig
 from vitok.generator.diffusion import Objective, build_objective
 from vitok.generator.dit import DiT
-
-
-class WeightEMA:
-    """shadow <- d * shadow + (1 - d) * param over every parameter, kept in float32.
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so a short run's
-    average is not stuck at the initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema_decay={decay!r} must lie in [0, 1)")
-        self.decay = decay
-        self.num_updates = 0
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        for name, p in model.named_parameters():
-            shadow = self.shadow[name]
-            if shadow.device != p.device:
-                self.shadow[name] = shadow = shadow.to(p.device)
-            shadow.lerp_(p.detach().float(), 1.0 - decay)
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            p.copy_(self.shadow[name].to(p.device, p.dtype))
-
-    def state_dict(self) -> dict[str, Any]:
-        shadow = {k: v.cpu() for k, v in self.shadow.items()}
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": shadow}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        shadow = state["shadow"]
-        missing = set(self.shadow) - set(shadow)
-        if missing:
-            raise ValueError(f"EMA state lacks parameters {sorted(missing)[:4]}")
-        self.decay = float(state["decay"])
-        self.num_updates = int(state["num_updates"])
-        self.shadow = {k: shadow[k].float().clone() for k in self.shadow}
+from vitok.tokenizer.ema import EMA
 
 
 @dataclass
@@ -81,12 +37,12 @@ class GeneratorTask:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
         self.objective: Objective = build_objective(self.model)
-        self._ema: WeightEMA | None = None
+        self._ema: EMA | None = None
 
     # -- building -------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         dit = DiT(self.model, self.latent_channels)
-        self._ema = WeightEMA(dit, self.ema_decay)
+        self._ema = EMA(dit, self.ema_decay)
         return dit
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:

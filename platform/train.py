@@ -10,6 +10,17 @@ The platform trains a ``Task`` (a small structural protocol; ``tokenizer/`` and
     task.extra_state() / task.load_extra_state(d)   # e.g. the EMA weights
     task.eval_module(model) -> nn.Module            # the weights to evaluate (EMA or live)
 
+A task that trains several networks with separate optimizers (a GAN: the decoder and its
+discriminator) also defines ``task.optimizer_parts(model)``, returning None (one optimizer
+over ``param_groups``) or ``{name: {"module": nn.Module, ...}}``; see ``optimizer_parts``.
+Each part gets its own DeepSpeed engine, so its own AdamW, gradient clipping and LR
+schedule, and ``training_step`` returns ``({name: loss}, logs)``: each part is stepped with
+the gradient of its own loss only.
+
+Weights: checkpoints hold the fp32 weights (under bf16, the optimizer's fp32 master copy;
+``vitok.platform.weights``), and evaluation under bf16 runs an fp32 copy holding them, so
+what is evaluated is what is saved, exported and logged.
+
 The pipeline wires the rest in a ``TrainJob``: how a Ray Data batch becomes the task's
 batch (augmentation happens there, on the worker), and which evaluator reduces metrics
 over the whole validation split across workers.
@@ -40,6 +51,7 @@ from torch import nn
 from vitok.platform import storage
 from vitok.platform.config import check_choice, check_positive, check_range, parse_resources
 from vitok.platform.tracking import RunLogger, TrackingConfig, resolve_uri
+from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "vitok_state.json"
@@ -127,22 +139,14 @@ def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-def group_lr_multiplier(cfg: TrainConfig, group: Mapping[str, Any]) -> Callable[[int], float]:
-    """A group with its own ``warmup_steps`` warms up linearly then stays constant (as the
-    paper's discriminator LR); every other group follows the stage's schedule."""
-    if "warmup_steps" not in group:
-        return lr_multiplier(cfg)
-    warmup = int(group["warmup_steps"])
-    return lambda step: 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config generated from the typed TrainConfig (saved with every run)."""
+def deepspeed_config(cfg: TrainConfig, grad_clip: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed config generated from the typed TrainConfig (saved with every run);
+    ``grad_clip`` overrides ``cfg.grad_clip`` (an optimizer part with its own clipping)."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.global_batch,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": cfg.grad_clip if grad_clip is None else grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": False},
@@ -211,6 +215,125 @@ class TrainResult:
     run_id: str | None
 
 
+# ----------------------------------------------------------------------------- optimizer parts
+SINGLE_PART = "model"
+PART_KEYS = ("module", "params", "lr", "lr_schedule", "grad_clip")
+
+
+@dataclass
+class OptimizerPart:
+    """One optimizer of a stage: the module its DeepSpeed engine wraps, its parameter
+    groups (each with its peak ``lr``), its LR schedule (a multiplier of the peak, by
+    optimizer step) and its gradient clipping (0 = none)."""
+
+    name: str
+    module: nn.Module
+    groups: list[dict[str, Any]]
+    lr_schedule: Callable[[int], float]
+    grad_clip: float
+
+
+def optimizer_parts(
+    task: Any, model: nn.Module, cfg: TrainConfig, peak_lr: float
+) -> list[OptimizerPart]:
+    """The task's optimizers: one over ``task.param_groups(model)`` unless the task's
+    ``optimizer_parts(model)`` returns ``{name: spec}``. A spec holds ``module`` (a
+    submodule of ``model``; its engine moves and casts it) and optionally ``params`` (default:
+    the module's trainable parameters), ``lr`` (peak; default the stage's), ``lr_schedule``
+    (``step -> multiplier``; default the stage's warm-up + cosine) and ``grad_clip`` (default
+    ``train.grad_clip``). Every parameter of ``model`` must lie in exactly one part's module.
+    """
+    spec = task.optimizer_parts(model) if hasattr(task, "optimizer_parts") else None
+    if spec is None:
+        groups = task.param_groups(model)
+        for group in groups:  # a group's own "lr" is its peak; the schedule scales every group
+            group.setdefault("lr", peak_lr)
+        return [OptimizerPart(SINGLE_PART, model, groups, lr_multiplier(cfg), cfg.grad_clip)]
+    if not spec:
+        raise ValueError("optimizer_parts returned no parts")
+    parts = []
+    for name, part in spec.items():
+        unknown = sorted(set(part) - set(PART_KEYS))
+        if unknown or "module" not in part:
+            raise ValueError(
+                f"optimizer part {name!r}: keys {sorted(part)}; needs 'module', allows {PART_KEYS}"
+            )
+        module = part["module"]
+        params = list(part.get("params") or [p for p in module.parameters() if p.requires_grad])
+        own = {id(p) for p in module.parameters()}
+        if not params or any(id(p) not in own for p in params):
+            raise ValueError(f"optimizer part {name!r}: its params must be its module's, >= 1")
+        grad_clip = float(part.get("grad_clip", cfg.grad_clip))
+        check_positive(f"optimizer part {name!r} grad_clip", grad_clip, allow_zero=True)
+        group = {"params": params, "lr": float(part.get("lr", peak_lr))}
+        schedule = part.get("lr_schedule") or lr_multiplier(cfg)
+        parts.append(OptimizerPart(str(name), module, [group], schedule, grad_clip))
+    covered = [id(p) for part in parts for p in part.module.parameters()]
+    if len(covered) != len(set(covered)) or set(covered) != {id(p) for p in model.parameters()}:
+        raise ValueError(
+            "optimizer parts' modules must cover every parameter of the model exactly once"
+        )
+    return parts
+
+
+def make_optimizer(
+    part: OptimizerPart, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the part's groups (the stage's betas and weight decay) and its schedule;
+    the worker loop hands both to DeepSpeed."""
+    optimizer = torch.optim.AdamW(
+        part.groups, lr=part.groups[0]["lr"], betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, part.lr_schedule)
+
+
+def named_losses(
+    loss: torch.Tensor | Mapping[str, torch.Tensor], parts: list[OptimizerPart]
+) -> dict[str, torch.Tensor]:
+    """``training_step``'s loss as ``{part name: loss}`` (one tensor for one part)."""
+    names = [part.name for part in parts]
+    if isinstance(loss, Mapping):
+        if sorted(loss) != sorted(names):
+            raise ValueError(f"training_step returned losses {sorted(loss)}; parts are {names}")
+        return dict(loss)
+    if len(names) != 1:
+        raise ValueError(f"training_step returned one loss; parts {names} need one each")
+    return {names[0]: loss}
+
+
+def build_engines(parts: list[OptimizerPart], cfg: TrainConfig) -> list[Any]:
+    """One DeepSpeed engine per part: its module, AdamW, LR schedule and clipping (needs an
+    initialised process group)."""
+    import deepspeed
+
+    engines = []
+    for part in parts:
+        optimizer, scheduler = make_optimizer(part, cfg)
+        engine, *_ = deepspeed.initialize(
+            model=part.module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, part.grad_clip),
+            dist_init_required=False,
+        )
+        engines.append(engine)
+    return engines
+
+
+def _learning_rates(parts: list[OptimizerPart], engines: list[Any]) -> dict[str, float]:
+    """``train/lr`` (the first part's) and ``train/lr/<part>`` for every other part."""
+    out = {}
+    for i, (part, engine) in enumerate(zip(parts, engines)):
+        lr = engine.lr_scheduler.get_last_lr()[0]
+        out["train/lr" if i == 0 else f"train/lr/{part.name}"] = lr
+    return out
+
+
+def _part_file(parts: list[OptimizerPart], part: OptimizerPart, stem: str) -> str:
+    """A checkpoint name per part: plain for a single optimizer, suffixed by part name."""
+    return stem if len(parts) == 1 else f"{stem}-{part.name}"
+
+
 # ----------------------------------------------------------------------------- helpers
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
@@ -223,13 +346,6 @@ def _to_float(logs: Mapping[str, Any]) -> dict[str, float]:
             v = v.detach().float().mean().item()
         out[k] = float(v)
     return out
-
-
-def _model_state(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """A consolidated fp32/bf16 state dict on rank 0 (collective under ZeRO-3)."""
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
 def _checkpoint_file(checkpoint: str | Path, file_name: str) -> Path:
@@ -271,8 +387,7 @@ class CheckpointWeights:
 
 # ----------------------------------------------------------------------------- worker loop
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: DeepSpeed engine, train, evaluate, checkpoint."""
-    import deepspeed
+    """Ray Train worker entry point: DeepSpeed engines, train, evaluate, checkpoint."""
     import ray.train
 
     job: TrainJob = config["job"]
@@ -290,30 +405,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = task.build_model()
     frames = int(job.params.get("frames", 1) or 1)
     peak_lr = cfg.peak_lr(frames)
-    groups = task.param_groups(model)
-    for group in groups:  # a group's own "lr" is its peak; schedules scale every group
-        group.setdefault("lr", peak_lr)
-    optimizer = torch.optim.AdamW(
-        groups, lr=peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [group_lr_multiplier(cfg, g) for g in optimizer.param_groups]
-    )
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
-        dist_init_required=False,
-    )
-    device = engine.device
+    parts = optimizer_parts(task, model, cfg, peak_lr)
+    frozen = snapshot_frozen(model)  # fp32 values of what no optimizer holds a master of
+    engines = build_engines(parts, cfg)
+    device = engines[0].device
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    exported: dict[str, Any] = {"step": -1, "state": None}
+
+    def fp32_state() -> dict[str, torch.Tensor]:
+        """The fp32 weights now (collective: every rank calls it at the same steps)."""
+        if exported["step"] != state["step"]:
+            exported["state"] = export_state(model, engines, frozen)
+            exported["step"] = state["step"]
+        return exported["state"]
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+            for part, engine in zip(parts, engines):
+                engine.load_checkpoint(ckpt_dir, tag=_part_file(parts, part, CHECKPOINT_TAG))
             saved = load_checkpoint_state(ckpt_dir)
             state.update(saved["loop"])
             extra = Path(ckpt_dir) / TASK_STATE_FILE
@@ -335,14 +446,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def save_checkpoint(metrics: dict[str, float]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"vitok-ckpt-r{rank}-"))
         client_state = {"vitok_step": state["step"]}
-        engine.save_checkpoint(str(tmp), tag=CHECKPOINT_TAG, client_state=client_state)
-        weights = _model_state(engine, cfg.zero_stage)
+        for part, engine in zip(parts, engines):
+            tag = _part_file(parts, part, CHECKPOINT_TAG)
+            engine.save_checkpoint(str(tmp), tag=tag, client_state=client_state)
+        weights = fp32_state()
         if rank == 0:
             torch.save(weights, tmp / MODEL_FILE)
             torch.save(task.extra_state(), tmp / TASK_STATE_FILE)
             meta = {"loop": state, "name": job.name, "params": job.params, "metrics": metrics}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str))
-            (tmp / "deepspeed_config.json").write_text(json.dumps(deepspeed_config(cfg)))
+            for part in parts:
+                ds_file = _part_file(parts, part, "deepspeed_config") + ".json"
+                (tmp / ds_file).write_text(json.dumps(deepspeed_config(cfg, part.grad_clip)))
         ray.train.report(
             {**metrics, "step": state["step"]},
             checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
@@ -354,7 +469,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if job.make_evaluator is None:
             return {}
         evaluator = job.make_evaluator()
-        eval_model = task.eval_module(engine.module)
+        eval_dtype = dtype
+        root = model
+        if cfg.precision == "bf16":  # evaluate the fp32 weights that are saved and exported
+            root = fp32_copy(model, fp32_state(), device, zero3=cfg.zero_stage == 3)
+            eval_dtype = torch.float32
+        eval_model = task.eval_module(root)
         was_training = eval_model.training
         eval_model.eval()
         shard = ray.train.get_dataset_shard("val")
@@ -367,13 +487,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     break
                 gen = torch.Generator().manual_seed(_step_seed(cfg.seed + 1, rank, i))
                 model_batch = job.batch_fn(_select(batch, job.columns), False, gen)
-                model_batch = _to_device(model_batch, device, dtype)
+                model_batch = _to_device(model_batch, device, eval_dtype)
                 evaluator.update(eval_model, model_batch)
         eval_model.train(was_training)
         return {f"val/{k}": v for k, v in evaluator.compute().items()}
 
     shard = ray.train.get_dataset_shard("train")
-    engine.train()
+    for engine in engines:
+        engine.train()
+    model.train()
     last_log_time, last_log_step = time.perf_counter(), state["step"]
     window: dict[str, float] = {}
     window_count = 0
@@ -400,17 +522,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model_batch = _to_device(
                 job.batch_fn(_select(batch, job.columns), True, gen), device, dtype
             )
-            loss, logs = task.training_step(engine.module, model_batch, step)
-            engine.backward(loss)
-            engine.step()
+            loss, logs = task.training_step(model, model_batch, step)
+            losses = named_losses(loss, parts)
+            for part, engine in zip(parts, engines):  # all backwards before any update
+                engine.backward(losses[part.name])
+            for engine in engines:  # each clips and steps its own part
+                engine.step()
             micro = (micro + 1) % cfg.grad_accum
             state["batch_in_epoch"] = batches_seen
             state["samples"] += cfg.batch_size * world
             if micro != 0:
                 continue
             state["step"] = step = step + 1
-            task.on_optimizer_step(engine.module, step)
-            for k, v in _to_float({"loss": loss, **logs}).items():
+            task.on_optimizer_step(model, step)
+            if len(parts) == 1:
+                step_logs = {"loss": losses[parts[0].name], **logs}
+            else:
+                step_logs = {**{f"loss/{n}": v for n, v in losses.items()}, **logs}
+            for k, v in _to_float(step_logs).items():
                 window[k] = window.get(k, 0.0) + v
             window_count += 1
 
@@ -418,7 +547,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 now = time.perf_counter()
                 rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
                 metrics = {f"train/{k}": v / window_count for k, v in window.items()}
-                metrics["train/lr"] = scheduler.get_last_lr()[0] if scheduler else peak_lr
+                metrics.update(_learning_rates(parts, engines))
                 metrics["perf/steps_per_s"] = rate
                 metrics["perf/samples_per_s"] = rate * cfg.global_batch
                 if job.tokens_per_sample:
@@ -574,15 +703,20 @@ def run_training(
 __all__ = [
     "CheckpointWeights",
     "Evaluator",
+    "OptimizerPart",
     "Task",
     "TrainConfig",
     "TrainJob",
     "TrainResult",
+    "build_engines",
     "deepspeed_config",
     "load_checkpoint_state",
     "load_model_state",
     "load_task_state",
     "lr_multiplier",
+    "make_optimizer",
+    "named_losses",
+    "optimizer_parts",
     "resolve_uri",
     "run_training",
     "train_loop_per_worker",

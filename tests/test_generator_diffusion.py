@@ -18,28 +18,43 @@ from vitok.generator import (
 
 
 class OracleDenoiser:
-    """Predicts the true noise for a known x0: eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+    """Predicts the true noise for a known clean latent: eps = (x_t - sqrt(abar_t) x0) /
+    sqrt(1 - abar_t), with x0 = ``x0`` for a class label and ``x0_null`` for the null label.
 
-    def __init__(self, diffusion: GaussianDiffusion, x0: Tensor) -> None:
+    ``forward_with_cfg`` combines them as DiT does (uncond + w (cond - uncond)); since eps is
+    affine in x0, that is the oracle for x0_null + w (x0 - x0_null), which DDIM then
+    recovers exactly: the guidance ``sample()`` applies shows in what it returns.
+    """
+
+    def __init__(
+        self, diffusion: GaussianDiffusion, x0: Tensor, x0_null: Tensor | None = None
+    ) -> None:
         self.diffusion = diffusion
         self.x0 = x0
+        self.x0_null = x0 if x0_null is None else x0_null
         self.calls: list[Tensor] = []
+        self.guidances: list[float] = []
 
     def __call__(self, z_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
         self.calls.append(t.clone())
+        null = (y == self.diffusion.null_class).reshape(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+        x0 = torch.where(null, self.x0_null, self.x0)
         abar = self.diffusion.alphas_cumprod[t].float().reshape(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
-        return (z_t - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        return (z_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
     def forward_with_cfg(self, z_t: Tensor, t: Tensor, y: Tensor, guidance: float) -> Tensor:
+        self.guidances.append(guidance)
         cond = self(z_t, t, y)
-        return cond + guidance * (cond - cond)  # the oracle ignores the label
+        self.calls.pop()  # one network evaluation per sampling step, as in DiT
+        uncond = self(z_t, t, torch.full_like(y, self.diffusion.null_class))
+        return uncond + guidance * (cond - uncond)
 
 
 def _tiny_schedule(**kw) -> GaussianDiffusion:
     # 10 steps with large betas so x_T is mostly noise (abar_9 ~ 0.07).
     args = dict(num_classes=3, diffusion_steps=10, beta_start=0.05, beta_end=0.5)
-    args.update(kw)
-    return GaussianDiffusion(sampling_steps=10, guidance=1.0, **args)
+    args.update({"sampling_steps": 10, "guidance": 1.0, **kw})
+    return GaussianDiffusion(**args)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -80,16 +95,29 @@ def test_ddim_with_all_steps_walks_back_along_the_forward_process():
         torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("steps,guidance", [(10, 1.0), (10, 2.5), (4, 1.0)])
-def test_ddim_sampling_with_an_oracle_recovers_x0(steps, guidance):
+@pytest.mark.parametrize("steps,guidance", [(10, 1.0), (10, 2.5), (4, 1.0), (4, 4.0), (10, 0.0)])
+def test_ddim_sampling_with_an_oracle_recovers_the_guided_x0(steps, guidance):
     torch.manual_seed(0)
     d = _tiny_schedule()
-    x0 = torch.randn(3, 2, 2, 3, 4)
-    oracle = OracleDenoiser(d, x0)
+    x0 = torch.randn(3, 2, 2, 3, 4)  # what the labels ask for
+    x0_null = torch.randn(3, 2, 2, 3, 4)  # what the unconditional model would give
+    oracle = OracleDenoiser(d, x0, x0_null)
     g = torch.Generator().manual_seed(1)
     out = d.sample(oracle, x0.shape, torch.tensor([0, 1, 2]), steps, guidance, generator=g)
-    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+    # Guidance w extrapolates from the unconditional target through the conditional one.
+    guided = x0_null + guidance * (x0 - x0_null)
+    torch.testing.assert_close(out, guided, atol=1e-4, rtol=1e-4)
     assert [c[0].item() for c in oracle.calls] == d.ddim_timesteps(steps)
+    # w = 1 is the conditional model alone (no unconditional pass); otherwise every step is
+    # guided with the requested w.
+    assert oracle.guidances == ([] if guidance == 1.0 else [guidance] * steps)
+
+
+def test_sampling_uses_the_configured_guidance_by_default():
+    d = _tiny_schedule(guidance=3.0)
+    x0, x0_null = torch.randn(2, 1, 2, 2, 4), torch.randn(2, 1, 2, 2, 4)
+    out = d.sample(OracleDenoiser(d, x0, x0_null), x0.shape, torch.tensor([0, 2]), steps=5)
+    torch.testing.assert_close(out, x0_null + 3.0 * (x0 - x0_null), atol=1e-4, rtol=1e-4)
 
 
 def test_q_sample_noise_level():

@@ -154,22 +154,45 @@ def test_discriminator_learns_real_from_fake():
     assert loss.item() < 1.0
 
 
-def test_ema_tracks_and_round_trips():
+def test_ema_warms_up_tracks_and_round_trips():
     model = nn.Linear(3, 2)
     ema = EMA(model, decay=0.5)
     before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
-    ema.update(model)
-    torch.testing.assert_close(ema.shadow["weight"], before + 1.0)
+    assert ema.current_decay() == pytest.approx(0.1)  # warm-up: (1 + 0) / (10 + 0)
+    ema.update(model)  # shadow = 0.1 * before + 0.9 * (before + 2)
+    torch.testing.assert_close(ema.shadow["weight"], before + 1.8)
+    # From n = 8 updates on, (1 + n) / (10 + n) >= 0.5: the configured decay takes over.
+    ema.num_updates = 8
+    assert ema.current_decay() == 0.5
+    ema.update(model)  # shadow = 0.5 * (before + 1.8) + 0.5 * (before + 2)
+    torch.testing.assert_close(ema.shadow["weight"], before + 1.9)
     other = nn.Linear(3, 2)
     restored = EMA(other)
     restored.load_state_dict(ema.state_dict())
     restored.copy_to(other)
-    torch.testing.assert_close(other.weight, before + 1.0)
-    assert restored.decay == 0.5 and restored.num_updates == 1
-    with pytest.raises(ValueError, match="decay"):
+    torch.testing.assert_close(other.weight, before + 1.9)
+    assert restored.decay == 0.5 and restored.num_updates == 9
+    with pytest.raises(ValueError, match="ema_decay"):
         EMA(model, decay=1.0)
+
+
+def test_stage2_evaluation_sees_a_short_fine_tune_through_the_ema():
+    """With the paper's 0.9999 and no warm-up, 30 updates would leave the evaluated decoder
+    at 0.3% of the fine-tune; with the warm-up it holds most of it."""
+    decoder = nn.Linear(4, 4)
+    start = decoder.weight.detach().clone()
+    ema = EMA(decoder, decay=0.9999)
+    with torch.no_grad():
+        decoder.weight.add_(1.0)  # the fine-tuned weights, from the first update on
+    for _ in range(30):
+        ema.update(decoder)
+    share = float((ema.shadow["weight"] - start).mean())  # fraction of the move, in [0, 1]
+    expected = 1.0
+    for n in range(30):
+        expected *= (1 + n) / (10 + n)  # what is left of the start after each update
+    assert share == pytest.approx(1 - expected, rel=1e-5) and share > 0.9
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Tokenizer training end to end on a local Ray: real clips, 2 workers, DeepSpeed, MLflow."""
+"""Tokenizer training end to end on a local Ray: real clips, 2 workers, DeepSpeed in bf16,
+MLflow; the saved, evaluated and logged weights are the fp32 master weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vitok.pipelines.experiment import ExperimentConfig
 from vitok.pipelines.presets import smoke, tokenizer_for
@@ -40,6 +42,7 @@ def real_clip_config(tmp_path: Path, mlflow_uri: str) -> ExperimentConfig:
             num_workers=2,
             cpus_per_worker=0.5,
             zero_stage=2,
+            precision="bf16",
             eval_every=10,
             checkpoint_every=20,
             log_every=10,
@@ -53,6 +56,7 @@ def real_clip_config(tmp_path: Path, mlflow_uri: str) -> ExperimentConfig:
             cpus_per_worker=0.5,
             checkpoint_every=0,
             log_every=3,
+            precision="bf16",  # ZeRO 0: DeepSpeed's bf16 wrapper holds the fp32 masters
         ),
         tracking=TrackingConfig(uri=mlflow_uri, experiment="tokenizer-test", system_metrics=False),
         storage=StorageConfig(root=str(tmp_path / "store")),
@@ -95,8 +99,101 @@ def test_tokenizer_training_real_clips_two_workers(ray_local, tmp_path, mlflow_u
     out = model.predict(clips)
     assert out.shape == clips.shape and out.dtype == np.uint8
 
+    check_fp32_weights(cfg, prepared, run)
+
     # Running the same experiment again continues the same MLflow run (no duplicate).
     from vitok.platform.tracking import start_run
 
     again = start_run(cfg.tracking, cfg.name, resume_file=f"{cfg.run_dir(cfg.name)}/mlflow_run_id")
     assert again == run.run_id
+
+
+def _val_clips(prepared, crop: tuple[int, int]) -> np.ndarray:
+    """The whole validation split, centre-cropped, as uint8 (N, T, h, w, 3)."""
+    from vitok.platform.data import clip_dataset, to_model_input
+    from vitok.platform.metrics import to_uint8
+
+    batch = clip_dataset(prepared, "val").take_batch(prepared.num_val, batch_format="numpy")
+    return to_uint8(to_model_input(batch["clip"], crop=crop, flip=False)).numpy()
+
+
+def _mean_psnr(clips: np.ndarray, recon: np.ndarray | torch.Tensor) -> float:
+    from vitok.platform.metrics import psnr
+
+    return float(psnr(torch.from_numpy(clips), torch.as_tensor(recon)).double().mean())
+
+
+def _reconstruct(cfg: ExperimentConfig, state: dict, clips: np.ndarray) -> torch.Tensor:
+    from vitok.tokenizer import ViTok
+
+    tokenizer = ViTok(cfg.tokenizer).eval()
+    tokenizer.load_state_dict(state)
+    with torch.no_grad():
+        recon, _ = tokenizer(torch.from_numpy(clips).float() / 127.5 - 1, sample=False)
+    return recon
+
+
+def _deepspeed_states(folder: Path) -> dict:
+    """The model-states file DeepSpeed wrote for one engine (our own checkpoint)."""
+    return torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
+def check_fp32_weights(cfg: ExperimentConfig, prepared, run) -> None:
+    """bf16 runs save, evaluate and export the fp32 master weights, not their bf16 rounding."""
+    import mlflow
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from vitok.pipelines.tokenizer_stage import log_mlflow_model
+    from vitok.platform.train import load_model_state
+    from vitok.tokenizer.task import TokenizerTask
+
+    # Stage 1 (ZeRO-2 over two ranks): model.pt is what DeepSpeed's own consolidation reads
+    # from the fp32 master partitions in the optimizer state.
+    stage1 = Path(run.stage1.checkpoint_dir)
+    saved = load_model_state(stage1)
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(stage1), tag="deepspeed")
+    assert set(saved) == set(masters)
+    for name, value in saved.items():
+        assert value.dtype == torch.float32 and torch.equal(value, masters[name].float()), name
+    # The bf16 module DeepSpeed trained holds their rounding; every saved tensor differs from it.
+    module = _deepspeed_states(stage1 / "deepspeed")["module"]
+    for name, value in saved.items():
+        assert torch.equal(module[name], value.bfloat16()), name
+        assert not torch.equal(value, value.bfloat16().float()), name
+
+    # The logged MLflow model reconstructs exactly as the master weights (to 0.01 dB), and the
+    # stage's reported val/psnr (evaluated in fp32 on the workers) is theirs too.
+    clips = _val_clips(prepared, cfg.data.crop)
+    uri = log_mlflow_model(cfg.tracking.uri, run.run_id, str(stage1), cfg.tokenizer)
+    psnr_logged = _mean_psnr(clips, mlflow.pyfunc.load_model(uri).predict(clips))
+    psnr_master = _mean_psnr(clips, _reconstruct(cfg, masters, clips))
+    rounded = {k: v.bfloat16().float() for k, v in masters.items()}
+    psnr_rounded = _mean_psnr(clips, _reconstruct(cfg, rounded, clips))
+    print(
+        f"PSNR on {len(clips)} val clips: logged model {psnr_logged:.4f} dB, fp32 masters "
+        f"{psnr_master:.4f} dB, bf16-rounded {psnr_rounded:.4f} dB, "
+        f"reported val/psnr {run.stage1.metrics['val/psnr']:.4f} dB"
+    )
+    assert abs(psnr_logged - psnr_master) <= 0.01
+    assert abs(run.stage1.metrics["val/psnr"] - psnr_master) <= 0.01
+
+    # Stage 2 (ZeRO 0, bf16): the frozen encoder keeps stage 1's fp32 weights bit for bit;
+    # decoder and discriminator are the fp32 groups of each part's DeepSpeed bf16 wrapper.
+    stage2 = Path(run.stage2.checkpoint_dir)
+    saved2 = load_model_state(stage2)
+    reference = TokenizerTask(cfg.tokenizer, cfg.loss, stage=2).build_model()
+    frozen = [n for n, p in reference.named_parameters() if not p.requires_grad]
+    encoder = {id(p) for p in reference.tokenizer.encoder_parameters()}
+    assert frozen and all(id(reference.get_parameter(n)) in encoder for n in frozen)
+    for name in frozen:
+        assert torch.equal(saved2[name], saved[name.removeprefix("tokenizer.")]), name
+    for part, module in (
+        ("decoder", reference.tokenizer),
+        ("discriminator", reference.discriminator),
+    ):
+        prefix = "tokenizer." if part == "decoder" else "discriminator."
+        names = [prefix + n for n, p in module.named_parameters() if p.requires_grad]
+        (fp32_group,) = _deepspeed_states(stage2 / f"deepspeed-{part}")["optimizer"]["fp32_groups"]
+        assert len(fp32_group) == len(names)
+        for name, master in zip(names, fp32_group):
+            assert saved2[name].dtype == torch.float32 and torch.equal(saved2[name], master), name

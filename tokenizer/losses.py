@@ -2,11 +2,13 @@
 
 Stage 1: recon (L1 or MSE) + kl_weight * KL + lpips_weight * LPIPS.
 Stage 2 (decoder fine-tune): the same + gan_weight * hinge generator loss, and a separate
-hinge discriminator loss. Each function returns (total loss tensor, {name: float} logs).
+hinge discriminator loss; the discriminator has its own LR (linear warm-up, ``disc_lr_scale``)
+and gradient clipping. Each loss returns (total loss tensor, {name: float} logs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +33,7 @@ class LossConfig:
     lpips_weights: str | None = None  # the lpips package's vgg.pth (linear heads)
     disc_lr: float = 2e-5
     disc_warmup_steps: int = 1000  # linear warm-up of the discriminator LR
+    disc_grad_clip: float = 1.0  # the discriminator's own gradient-norm clip (0 = none)
     disc_channels: int = 64
     disc_max_channels: int = 512
     ema_decay: float = 0.9999
@@ -46,6 +49,8 @@ class LossConfig:
             raise ValueError(f"disc_lr={self.disc_lr!r} must be > 0")
         if self.disc_warmup_steps < 0:
             raise ValueError(f"disc_warmup_steps={self.disc_warmup_steps!r} must be >= 0")
+        if self.disc_grad_clip < 0:
+            raise ValueError(f"disc_grad_clip={self.disc_grad_clip!r} must be >= 0 (0 = none)")
         for name in ("disc_channels", "disc_max_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -76,7 +81,8 @@ def build_discriminator(config: LossConfig, min_side: int) -> Discriminator:
 
 
 def disc_lr_scale(config: LossConfig, step: int) -> float:
-    """Linear warm-up factor in [0, 1] for the discriminator LR at `step` (0-based)."""
+    """Linear warm-up factor in [0, 1] for the discriminator LR at `step` (0-based optimizer
+    steps), then constant: the discriminator part's LR schedule in stage 2."""
     if config.disc_warmup_steps == 0:
         return 1.0
     return min(1.0, (step + 1) / config.disc_warmup_steps)
@@ -119,10 +125,14 @@ def generator_loss(
     target: Tensor,
     posterior: DiagonalGaussian,
     config: LossConfig,
-    discriminator: Discriminator,
+    discriminator: Callable[[Tensor], Tensor],
     lpips: LPIPS | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Stage-2 decoder loss: the stage-1 terms + gan_weight * hinge G loss (per frame)."""
+    """Stage-2 decoder loss: the stage-1 terms + gan_weight * hinge G loss (per frame).
+
+    ``discriminator`` maps frames to logits; stage 2 passes one whose weights are detached,
+    so this loss's gradient reaches the decoder and never the discriminator.
+    """
     total, logs = reconstruction_loss(recon, target, posterior, config, lpips)
     g = hinge_g_loss(discriminator(recon))
     total = total + config.gan_weight * g

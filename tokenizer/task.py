@@ -2,13 +2,15 @@
 
 Stage 1 trains the whole auto-encoder on MSE/L1 + beta * KL (+ LPIPS). Stage 2 freezes the
 encoder and fine-tunes the decoder against a StyleGAN-style discriminator (hinge loss),
-keeping an EMA of the decoder for evaluation, as in the paper.
+keeping an EMA (with warm-up) of the decoder for evaluation, as in the paper.
 
-Stage 2 runs on one optimizer (so DeepSpeed wraps a single module): the decoder's
-adversarial term sees the discriminator through detached weights (no gradient reaches
-the discriminator from it), and the discriminator's hinge term sees a detached
-reconstruction (no gradient reaches the decoder). One backward of their sum therefore gives
-each network exactly its own GAN gradient; the discriminator has its own LR and warm-up.
+Stage 2 has two optimizer parts (``optimizer_parts``), so the decoder and the
+discriminator each get their own AdamW, gradient clipping and LR schedule (the stage's
+warm-up + cosine for the decoder; the paper's linear warm-up to ``disc_lr``, then constant,
+for the discriminator), and ``training_step`` returns one loss per part. The decoder's
+adversarial term sees the discriminator through detached weights (no gradient reaches the
+discriminator from it), and the discriminator's hinge term sees a detached reconstruction
+(no gradient reaches the decoder): each network is stepped with its own GAN gradient only.
 
 Batches are ``{"x": (B, T, H, W, 3) float in [-1, 1], ...}``.
 """
@@ -16,6 +18,7 @@ Batches are ``{"x": (B, T, H, W, 3) float in [-1, 1], ...}``.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,9 @@ from vitok.tokenizer.losses import (
     LossConfig,
     build_discriminator,
     build_lpips,
+    disc_lr_scale,
     discriminator_loss,
+    generator_loss,
     reconstruction_loss,
 )
 from vitok.tokenizer.model import ViTok
@@ -86,22 +91,31 @@ class TokenizerTask:
         return module
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Stage 1: one optimizer over the whole tokenizer (stage 2: ``optimizer_parts``)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def optimizer_parts(self, model: nn.Module) -> dict[str, dict[str, Any]] | None:
+        """Stage 2: the decoder (the tokenizer module, encoder frozen; the stage's LR,
+        schedule and clipping) and the discriminator (``disc_lr`` with a linear warm-up over
+        ``disc_warmup_steps``, then constant; ``disc_grad_clip``). Stage 1: None."""
         if self.stage == 1:
-            return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+            return None
         assert isinstance(model, Stage2Module)
-        return [
-            {"params": [p for p in model.tokenizer.decoder_parameters()]},
-            {
-                "params": list(model.discriminator.parameters()),
+        return {
+            "decoder": {"module": model.tokenizer},
+            "discriminator": {
+                "module": model.discriminator,
                 "lr": self.loss.disc_lr,
-                "warmup_steps": self.loss.disc_warmup_steps,
+                "lr_schedule": functools.partial(disc_lr_scale, self.loss),
+                "grad_clip": self.loss.disc_grad_clip,
             },
-        ]
+        }
 
     # -- one step -------------------------------------------------------------------------
     def training_step(
         self, model: nn.Module, batch: Mapping[str, Tensor], step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor | dict[str, Tensor], dict[str, float]]:
+        """Stage 1: (loss, logs). Stage 2: ({"decoder": loss, "discriminator": loss}, logs)."""
         x = batch["x"]  # (B, T, H, W, 3) in [-1, 1]
         if self._lpips is not None:
             self._lpips.to(x.device)
@@ -113,13 +127,15 @@ class TokenizerTask:
         with torch.no_grad():
             posterior = tokenizer.encode(x)  # frozen encoder
         recon = tokenizer.decode(posterior.sample())
-        total, logs = reconstruction_loss(recon, x, posterior, self.loss, self._lpips)
         frozen = {k: v.detach() for k, v in disc.named_parameters()}
-        g_adv = -functional_call(disc, frozen, (recon,)).mean()  # hinge G loss
-        d_loss, d_logs = discriminator_loss(disc, x, recon)
-        total = total + self.loss.gan_weight * g_adv + d_loss
-        logs.update(d_logs, gan_g=g_adv.item(), loss=total.item())
-        return total, logs
+
+        def judge(frames: Tensor) -> Tensor:  # the discriminator, no gradient to its weights
+            return functional_call(disc, frozen, (frames,))
+
+        decoder_loss, logs = generator_loss(recon, x, posterior, self.loss, judge, self._lpips)
+        d_loss, d_logs = discriminator_loss(disc, x, recon)  # recon detached inside
+        logs.update(d_logs)
+        return {"decoder": decoder_loss, "discriminator": d_loss}, logs
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         if self._ema is not None:
