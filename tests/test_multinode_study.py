@@ -130,15 +130,13 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
         assert "c2-stage1: resumed at step" in logs, logs[-6000:]
 
         # --resume from a changed checkout finds the study by name; nothing reruns.
+        events_before = stack.s3.keys(bucket, f"{study}/events/")
         with (work / "pipelines" / "presets.py").open("a") as f:
             f.write("\n# a local edit after the first submission\n")
         logs = run_job(client, _study_command(root, "--resume"), work, timeout=600)
         assert "study smoke-study: 2 trials finished, 0 failed" in logs, logs[-6000:]
         assert "studies/smoke-study" in logs
-        events = [
-            k for k in stack.s3.keys(bucket, f"{study}/events/") if k.endswith("started.json")
-        ]
-        assert len(events) == 2, events  # one start per trial, over both submissions
+        assert stack.s3.keys(bucket, f"{study}/events/") == events_before  # no trial started
         print(f"two-node study and resume: {time.monotonic() - started:.0f} s")
 
     leftover = [(tag, p.pid) for tag in stack.tags for p in tagged(tag)]
