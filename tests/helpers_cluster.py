@@ -535,6 +535,9 @@ class TwoNodeRay:
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop() tears down at once
+            # A loaded 2-core machine can take longer than Ray's default (10 s) to register
+            # a starting node; `ray start` then exits 1.
+            RAY_raylet_start_wait_time_s="120",
             TORCH_EXTENSIONS_DIR=os.environ.get(
                 "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")
             ),
