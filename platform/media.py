@@ -424,8 +424,8 @@ class IsolatedDecoder:
                     ) from None
                 if kind == "rejected":
                     raise Rejected(payload)
-                if kind == "error":
-                    raise RuntimeError(payload)
+                if kind == "error":  # as an in-process decode reports it
+                    raise Rejected(f"error: {payload}")
                 return [Clip(clip=c, start_s=s, fps=f, clip_index=i) for c, s, f, i in payload]
         raise Rejected("crashed: the decoder process could not be started")
 
