@@ -352,7 +352,8 @@ def orphans(root: Path | None = None, *, exclude: Path | None = None) -> list[Pa
 
 # ----------------------------------------------------------------------------- CLI
 def replay(paths: list[Path], *, timeout_s: float) -> int:
-    """Send orphan spools now (every orphan on this node when ``paths`` is empty)."""
+    """Send the orphan spools of this node now: of the tracking servers ``paths`` name, or
+    of every server. Returns 1 when something is still unsent (the server still away)."""
     from vitok.platform.tracking import RunLogger
 
     folders = paths or orphans()
@@ -375,8 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("list", help="undelivered records on this node")
     show.add_argument("--root", type=Path, default=None)
-    send = sub.add_parser("replay", help="send undelivered records now")
-    send.add_argument("paths", nargs="*", type=Path, help="spool folders (default: all orphans)")
+    send = sub.add_parser(
+        "replay", help="send the undelivered records of every dead logger on this node now"
+    )
+    send.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="spool folders: send for their tracking servers only (default: every server)",
+    )
     send.add_argument("--timeout", type=float, default=120.0, help="seconds to keep trying")
     args = parser.parse_args(argv)
     if args.command == "list":

@@ -96,8 +96,19 @@ def test_calls_return_at_once_while_the_server_is_down(tmp_path, monkeypatch) ->
     assert logger.close()["pending"] == {"metrics": 200, "params": 1}
 
 
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+def test_system_metrics_go_through_the_queue(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VITOK_SCRATCH", str(tmp_path / "scratch"))
+    logger = RunLogger(_dead_uri(), "run-system", flush_timeout_s=0.2, request_timeout_s=1.0)
+    sampler = logger.start_system_metrics(interval_s=0.2)
+    assert sampler is not None
+    time.sleep(1.5)
+    sampler.finish()
+    summary = logger.close()
+    kept = tracking_spool.pending_records(Path(summary["spool"]))
+    items = [item for r in kept if r["kind"] == "metrics" for item in r["items"]]
+    assert any(key.startswith("system/cpu_utilization") for key, *_ in items)
+    steps = sorted({step for *_, step in items})
+    assert steps == list(range(len(steps))) and len(steps) >= 2
 
 
 @pytest.mark.slow  # a real `mlflow server`, started twice (a minute or two)
