@@ -11,6 +11,7 @@ optional ``<name>_arguments(parser)`` hook registered alongside.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -42,17 +43,21 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
 
 
-def _plain_loop(files: list, spec, out: Path) -> int:
-    """Single process: decode every file with the same PyAV code, write one Parquet file."""
+def _plain_loop(files: list, spec, out: Path, timeout_s: float = 0.0) -> int:
+    """Single process: decode every file with the same PyAV code, write one Parquet file.
+    With ``timeout_s``, each file goes through the isolated decoder child (as prepare does)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vitok.platform.media import Rejected, decode_file
+    from vitok.platform.media import Rejected, decode_file, decode_file_isolated
 
     clips, labels = [], []
     for f in files:
         try:
-            decoded = decode_file(f.path, spec)
+            if timeout_s:
+                decoded = decode_file_isolated(f.path, spec, timeout_s)
+            else:
+                decoded = decode_file(f.path, spec)
         except Rejected:
             continue
         clips += [c.clip.tobytes() for c in decoded]
@@ -120,10 +125,27 @@ def bench_data(args: argparse.Namespace) -> None:
         n = prepared.num_train + prepared.num_val
         _row(source, "ray data (prepare)", n, seconds, in_mb, n * clip_mb)
 
+        # The same with each file decoded in the task's own process (no timeout, no
+        # protection from a hung or crashing decoder): what the isolation costs.
+        in_process = dataclasses.replace(cfg, decode_timeout_s=0.0)
+        t = time.perf_counter()
+        inproc_root = str((work / f"ray-inproc-{source}").resolve())
+        prepared = prepare(in_process, inproc_root, progress=False)
+        seconds = time.perf_counter() - t
+        n = prepared.num_train + prepared.num_val
+        _row(source, "prepare, in-process decode", n, seconds, in_mb, n * clip_mb)
+
         t = time.perf_counter()
         n_plain = _plain_loop(files, cfg.clip_spec(), work / f"plain-{source}")
         seconds = time.perf_counter() - t
         _row(source, "plain PyAV loop (1 proc)", n_plain, seconds, in_mb, n_plain * clip_mb)
+
+        spec, timeout = cfg.clip_spec(), cfg.decode_timeout_s
+        _plain_loop(files[:1], spec, work / f"isolated-warm-{source}", timeout)  # child up
+        t = time.perf_counter()
+        n_iso = _plain_loop(files, spec, work / f"isolated-{source}", timeout)
+        seconds = time.perf_counter() - t
+        _row(source, "same, isolated decoder", n_iso, seconds, in_mb, n_iso * clip_mb)
 
         if has_decord:
             t = time.perf_counter()

@@ -23,7 +23,13 @@ use_shipped_code()  # a Ray job runs the code it shipped, never a stale installe
 
 from vitok.platform import storage  # noqa: E402
 from vitok.platform.config import apply_overrides, flatten  # noqa: E402
-from vitok.platform.data import DataConfig, PreparedData, ensure_ray, prepare  # noqa: E402
+from vitok.platform.data import (  # noqa: E402
+    DataConfig,
+    PreparedData,
+    RejectedSourceError,
+    ensure_ray,
+    prepare,
+)
 
 
 def build_config(args: argparse.Namespace) -> DataConfig:
@@ -93,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 log_to_driver=False,
             )
     ensure_ray()
-    prepared = prepare(cfg, storage.resolve_root(args.storage), progress=not args.no_progress)
+    try:
+        prepared = prepare(cfg, storage.resolve_root(args.storage), progress=not args.no_progress)
+    except RejectedSourceError as err:  # a wrong path or codec: the message says what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     counts = prepared.manifest["counts"]
     print(
         f"files: {counts['files_total']} total, {counts['files_ok']} ok, "

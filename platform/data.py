@@ -13,15 +13,23 @@ float input in [-1, 1] with random crop and flip (training) or a centre crop (ev
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fnmatch
 import hashlib
 import io
+import json
 import os
+import signal
 import time
+import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +37,7 @@ import torch
 
 from vitok.platform import storage
 from vitok.platform.config import check_positive, check_range, to_dict
-from vitok.platform.media import ClipSpec, Rejected, decode_file
+from vitok.platform.media import ClipSpec, Rejected, decode_file, decode_file_isolated
 from vitok.platform.sources import (
     assign_splits,
     digest,
@@ -77,6 +85,12 @@ class DataConfig:
     synthetic_videos: int = 48
     synthetic_fps: float = 24.0  # the rendered files' own frame rate
     synthetic_seed: int = 0
+    # Seconds one file may take to decode before it is rejected ("timeout: ..."); 0 decodes
+    # in the task's own process, with no timeout and no protection against a crash.
+    decode_timeout_s: float = 120.0
+    # Above this fraction of one source's files rejected, prepare stops: a wrong path or
+    # codec, not bad luck. 1.0 never stops.
+    max_reject_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -113,6 +127,8 @@ class DataConfig:
         check_range("synthetic_classes", self.synthetic_classes, 1, len(CLASSES))
         check_positive("synthetic_videos", self.synthetic_videos)
         check_positive("synthetic_fps", self.synthetic_fps)
+        check_positive("decode_timeout_s", self.decode_timeout_s, allow_zero=True)
+        check_range("max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
 
     def clip_spec(self) -> ClipSpec:
         return ClipSpec(
@@ -126,28 +142,71 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------- decode stage
+FAULTS_ENV = "VITOK_INJECT_FAULTS"
+FAULT_ACTIONS = ("hang", "crash", "die")
+
+
+def injected_faults() -> tuple[tuple[str, str], ...]:
+    """Fault injection for tests, read on the driver: ``VITOK_INJECT_FAULTS`` holds
+    ``action=glob`` entries (``"hang=*slow*,crash=*segv*,die=*oom*"``) matched against file
+    names. ``hang`` stalls the decoder inside native code, ``crash`` kills it with SIGSEGV,
+    ``die`` SIGKILLs the Ray worker running the decode task (as the OOM killer would)."""
+    out = []
+    for entry in filter(None, (e.strip() for e in os.environ.get(FAULTS_ENV, "").split(","))):
+        action, _, pattern = entry.partition("=")
+        if action not in FAULT_ACTIONS or not pattern:
+            raise ValueError(
+                f"{FAULTS_ENV} entry {entry!r} must be action=glob with action in "
+                f"{list(FAULT_ACTIONS)}"
+            )
+        out.append((action, pattern))
+    return tuple(out)
+
+
+def _fault_for(path: str, faults: tuple[tuple[str, str], ...]) -> str | None:
+    name = storage.name(path)
+    return next((action for action, pattern in faults if fnmatch.fnmatch(name, pattern)), None)
+
+
 def _decode_batch(
-    batch: dict[str, np.ndarray], *, spec: ClipSpec, reject_dir: str
+    batch: dict[str, np.ndarray],
+    *,
+    spec: ClipSpec,
+    reject_dir: str,
+    timeout_s: float = 0.0,
+    faults: tuple[tuple[str, str], ...] = (),
+    decoded_dir: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: one row per source file in, one row per clip out; rejects go to storage.
 
     A rejected file writes ``reject_dir/<crc>.json`` (idempotent under task retries). A source
-    under a remote storage root is read through a temporary local copy.
+    under a remote storage root is read through a temporary local copy. With ``timeout_s``,
+    each file is decoded in a child process that is abandoned after that long (see
+    ``media.IsolatedDecoder``). ``decoded_dir`` (the retry pass) gets a marker per file
+    whose decode finished, so a file whose task died can be told from a failed write.
     """
     out: dict[str, list[Any]] = {k: [] for k in ("clip", "label", "path", "start_s", "fps")}
     out.update(clip_index=[], source_id=[], split=[])
     for path, label, sid, split in zip(
         batch["path"], batch["label"], batch["source_id"], batch["split"]
     ):
+        fault = _fault_for(str(path), faults) if faults else None
+        if fault == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
         try:
             with storage.readable_file(str(path)) as local:
-                clips = decode_file(str(local), spec)
+                if timeout_s > 0:
+                    clips = decode_file_isolated(str(local), spec, timeout_s, fault=fault)
+                else:
+                    clips = decode_file(str(local), spec)
         except Rejected as err:
             _write_reject(reject_dir, str(path), str(err))
-            continue
+            clips = []
         except Exception as err:  # noqa: BLE001 - a bad file must never end the run
             _write_reject(reject_dir, str(path), f"error: {type(err).__name__}: {err}")
-            continue
+            clips = []
+        if decoded_dir is not None:
+            storage.write_text(storage.join(decoded_dir, _file_key(str(path))), "")
         for c in clips:
             out["clip"].append(c.clip)
             out["label"].append(int(label))
@@ -171,9 +230,14 @@ def _decode_batch(
     }
 
 
+def _file_key(path: str) -> str:
+    return f"{zlib.crc32(path.encode()):08x}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
 def _write_reject(reject_dir: str, path: str, reason: str) -> None:
-    name = f"{zlib.crc32(path.encode()):08x}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-    storage.write_json(storage.join(reject_dir, f"{name}.json"), {"path": path, "reason": reason})
+    storage.write_json(
+        storage.join(reject_dir, f"{_file_key(path)}.json"), {"path": path, "reason": reason}
+    )
 
 
 def ensure_ray() -> None:
@@ -229,22 +293,19 @@ def _check_split(split: str) -> str:
 
 
 def _committed(folder: str, key: str) -> PreparedData | None:
-    """The committed shards under ``folder``, or None; a manifest whose files are missing or
-    changed (a crashed writer, a damaged bucket) is reported and ignored, so they get rebuilt."""
+    """The committed shards under ``folder``, or None; a manifest whose files are missing,
+    resized or fail their checksum (a crashed writer, a damaged disk or bucket) is reported
+    and ignored, so they get rebuilt."""
     manifest_uri = storage.join(folder, MANIFEST)
     if not storage.is_file(manifest_uri):
         return None
     manifest = storage.read_json(manifest_uri)
-    attempt = storage.join(folder, ATTEMPTS, manifest["attempt"])
-    present = {
-        f"{ATTEMPTS}/{manifest['attempt']}/{rel}": size for rel, size in storage.list_files(attempt)
-    }
-    listed = [e for split in ("train", "val") for e in manifest["files"][split]]
-    bad = [e["path"] for e in listed if present.get(e["path"]) != e["bytes"]]
-    if bad:
+    problems = _verify_shards(folder, manifest)
+    if problems:
+        listed = sum(len(manifest["files"][split]) for split in ("train", "val"))
         print(
             f"[vitok.data] cached shards at {folder} are incomplete or damaged "
-            f"({len(bad)} of {len(listed)} files missing or resized, e.g. {bad[0]}): rebuilding"
+            f"({len(problems)} of {listed} files, e.g. {problems[0]}): rebuilding"
         )
         return None
     return PreparedData(
@@ -260,15 +321,118 @@ def _committed(folder: str, key: str) -> PreparedData | None:
     )
 
 
-def _shard_entries(folder: str, prefix: str) -> tuple[list[dict[str, Any]], list[int]]:
-    """Manifest entries (path relative to the data folder, bytes, rows) of the Parquet files
-    under ``folder/prefix``, and their labels."""
-    entries, labels = [], []
-    for rel, size in storage.list_files(storage.join(folder, prefix), suffix=".parquet"):
-        table = read_parquet_columns(storage.join(folder, prefix, rel), ["label"])
-        entries.append({"path": f"{prefix}/{rel}", "bytes": size, "rows": table.num_rows})
-        labels.extend(table.column("label").to_pylist())
-    return entries, labels
+# ----------------------------------------------------------------------------- checksums
+# Each manifest entry carries the shard's zlib crc32, computed when the shard is written and
+# checked whenever the shards are reused: a flipped byte or a cut is found and the shards
+# rebuilt. Reading every shard on every reuse would cost a study's trials a full pass over
+# the data each, so a node remembers (in its scratch dir) the files it checked, by size and
+# modification time: a file written since is checked again.
+CHECKSUM = "crc32"
+VERIFIED = "verified-shards"
+CHECK_THREADS = 4
+
+
+def _crc32(uri: str) -> str:
+    fs, path = storage.filesystem(uri)
+    crc = 0
+    with fs.open_input_stream(path) as fh:
+        while chunk := fh.read(8 * 2**20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _file_stats(uri: str) -> dict[str, tuple[int, int | None]]:
+    """Every file under a folder: path relative to it -> (bytes, modification time in ns)."""
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(uri)
+    selector = pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=True)
+    return {
+        info.path[len(path) :].lstrip("/"): (int(info.size), info.mtime_ns)
+        for info in fs.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.File
+    }
+
+
+def _memo_file(folder: str, attempt: str) -> Path:
+    name = hashlib.sha256(f"{folder}|{attempt}".encode()).hexdigest()[:24]
+    return storage.scratch_dir() / VERIFIED / f"{name}.json"
+
+
+def _read_memo(path: Path) -> dict[str, list[Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(folder: str, attempt: str, checked: dict[str, str]) -> None:
+    """Record ``{entry path: crc}`` as verified at the files' current size and time."""
+    stats = _file_stats(storage.join(folder, ATTEMPTS, attempt))
+    memo_path = _memo_file(folder, attempt)
+    memo = _read_memo(memo_path)
+    for entry_path, crc in checked.items():
+        size, mtime = stats.get(entry_path.split("/", 2)[2], (None, None))
+        if size is not None and mtime is not None:
+            memo[entry_path] = [size, mtime, crc]
+    with contextlib.suppress(OSError):  # a read-only scratch dir only costs a re-check
+        storage.write_json(str(memo_path), memo)
+
+
+def _verify_shards(folder: str, manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with the shards a manifest lists (empty when nothing)."""
+    attempt = manifest["attempt"]
+    stats = _file_stats(storage.join(folder, ATTEMPTS, attempt))
+    memo = _read_memo(_memo_file(folder, attempt))
+    problems, unchecked = [], []
+    for entry in (e for split in ("train", "val") for e in manifest["files"][split]):
+        size, mtime = stats.get(entry["path"].split("/", 2)[2], (None, None))
+        if size is None:
+            problems.append(f"{entry['path']} is missing")
+        elif size != entry["bytes"]:
+            problems.append(f"{entry['path']} has {size} bytes, the manifest {entry['bytes']}")
+        elif CHECKSUM in entry and memo.get(entry["path"]) != [size, mtime, entry[CHECKSUM]]:
+            unchecked.append(entry)  # (a manifest from before checksums: sizes only)
+    if problems or not unchecked:
+        return problems
+    with ThreadPoolExecutor(min(CHECK_THREADS, len(unchecked))) as pool:
+        crcs = list(pool.map(lambda e: _crc32(storage.join(folder, e["path"])), unchecked))
+    for entry, crc in zip(unchecked, crcs):
+        if crc != entry[CHECKSUM]:
+            problems.append(
+                f"{entry['path']} fails its checksum ({CHECKSUM} {crc}, the manifest "
+                f"{entry[CHECKSUM]})"
+            )
+    if not problems:
+        _remember(folder, attempt, {e["path"]: e[CHECKSUM] for e in unchecked})
+    return problems
+
+
+def _scan_shards(folder: str, prefix: str) -> tuple[list[dict[str, Any]], list[int], set[str]]:
+    """Manifest entries (path relative to the data folder, bytes, rows, crc32) of the Parquet
+    files under ``folder/prefix``, their labels and their source files: one read per file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def scan(rel: str) -> tuple[dict[str, Any], list[int], list[str]]:
+        data = storage.read_bytes(storage.join(folder, prefix, rel))
+        table = pq.read_table(pa.BufferReader(data), columns=["label", "path"])
+        entry = {
+            "path": f"{prefix}/{rel}",
+            "bytes": len(data),
+            "rows": table.num_rows,
+            CHECKSUM: f"{zlib.crc32(data):08x}",
+        }
+        return entry, table.column("label").to_pylist(), table.column("path").to_pylist()
+
+    rels = [rel for rel, _ in storage.list_files(storage.join(folder, prefix), suffix=".parquet")]
+    entries, labels, paths = [], [], set()
+    with ThreadPoolExecutor(max(1, min(CHECK_THREADS, len(rels)))) as pool:
+        for entry, file_labels, file_paths in pool.map(scan, rels):
+            entries.append(entry)
+            labels += file_labels
+            paths.update(file_paths)
+    return entries, labels, paths
 
 
 def read_parquet_columns(uri: str, columns: list[str]) -> Any:
@@ -279,22 +443,27 @@ def read_parquet_columns(uri: str, columns: list[str]) -> Any:
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
+class RejectedSourceError(RuntimeError):
+    """Most files of a source were rejected: a wrong path or codec, not bad luck."""
+
+
 def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedData:
     """Decode the sources of ``cfg`` into Parquet clip shards under the storage ``root``
-    (``<root>/data/<hash>``), or reuse the committed ones.
+    (``<root>/data/<hash>``), or reuse the committed ones (after checking their checksums).
 
     The shards are written under a fresh ``attempts/<id>/`` and committed by writing the
     manifest last; a crashed attempt leaves files no manifest lists, removed by the next
-    commit. Returns the manifest, label map and rejects table.
+    commit. A file that hangs the decoder past ``cfg.decode_timeout_s``, or crashes it, is
+    rejected; so is one whose decode task dies (its worker killed) on a second try alone.
+    Raises ``RejectedSourceError`` (committing nothing) when a source has more than
+    ``cfg.max_reject_fraction`` of its files rejected. Returns the manifest, label map and
+    rejects table.
     """
-    import ray
-    import ray.data
-
     ensure_ray()
     t_start = time.perf_counter()
     data_root = storage.join(storage.resolve_root(root), "data")
     files, prints = list_sources(cfg, data_root)
-    preprocessing = {k: v for k, v in to_dict(cfg).items() if k not in ("weights", "crop")}
+    preprocessing = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
     key = digest({"version": PIPELINE_VERSION, "config": preprocessing, "sources": prints})
     folder = storage.join(data_root, key)
     prepared = _committed(folder, key)
@@ -319,32 +488,39 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
         }
         for f in files
     ]
-    ctx = ray.data.DataContext.get_current()
-    bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = progress
-    try:
-        if items:
-            spec = cfg.clip_spec()
-            clip_bytes = max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
-            # A few files per block: enough blocks to keep every CPU busy and stream, few
-            # enough that per-task overhead stays small next to decoding.
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            blocks = min(len(items), max(4 * cpus, len(items) // 16), 4096)
-            ds = ray.data.from_items(items, override_num_blocks=blocks)
-            ds = ds.map_batches(
-                _decode_batch,
-                batch_size=1,
-                fn_kwargs={"spec": spec, "reject_dir": reject_dir},
-                num_cpus=1,
+    faults = injected_faults()
+    if items:
+        _decode_pass(cfg, items, work, reject_dir, faults, progress=progress, retry=False)
+    shards, labels_seen, produced = _scan_all(folder, prefix)
+    accounted = produced | _rejected_paths(reject_dir)
+    missing = [it for it in items if it["path"] not in accounted]
+    if missing:
+        # Their decode task died (a worker killed: out of memory, a native crash) on both
+        # tries. Decode them again one file per task, so only the culprit is lost.
+        print(
+            f"[vitok.data] {len(missing)} file(s) lost with a decode task that died; decoding "
+            "them again one per task"
+        )
+        decoded_dir = storage.join(work, "decoded.d")
+        _decode_pass(cfg, missing, work, reject_dir, faults, progress=progress, retry=True)
+        shards, labels_seen, produced = _scan_all(folder, prefix)
+        decoded = set(storage.listdir(decoded_dir))
+        accounted = produced | _rejected_paths(reject_dir)
+        for it in missing:
+            if it["path"] in accounted:
+                continue
+            if _file_key(it["path"]) in decoded:  # decoded, then the write failed
+                raise RuntimeError(
+                    f"prepare: writing the clips of {it['path']} to {work}/shards failed; "
+                    "see the Ray Data log above"
+                )
+            _write_reject(
+                reject_dir,
+                it["path"],
+                "crashed: the decode task died on this file, alone and with others (its "
+                "worker was killed: out of memory, or a native crash)",
             )
-            ds.write_parquet(
-                storage.join(work, "shards"),
-                partition_cols=["split"],
-                mode="overwrite",
-                min_rows_per_file=max(1, SHARD_BYTES // clip_bytes),
-            )
-    finally:
-        ctx.enable_progress_bars = bars
+        storage.delete(decoded_dir)
 
     rejects = sorted(
         (
@@ -359,12 +535,9 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
     writer = csv.DictWriter(table, fieldnames=["path", "reason"])
     writer.writeheader()
     writer.writerows(rejects)
-    storage.write_text(storage.join(work, "rejects.csv"), table.getvalue())
-    shards = {}
-    labels_seen: list[int] = []
-    for split in ("train", "val"):
-        shards[split], split_labels = _shard_entries(folder, f"{prefix}/shards/split={split}")
-        labels_seen += split_labels
+    rejects_uri = storage.join(work, "rejects.csv")
+    storage.write_text(rejects_uri, table.getvalue())
+    _check_reject_fraction(cfg, files, rejects, rejects_uri)
     rejected = {r["path"] for r in rejects}
     manifest = {
         "hash": key,
@@ -388,6 +561,7 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
         "clip_shape": [cfg.frames, *cfg.size, 3],
         "seconds": round(time.perf_counter() - t_start, 3),
     }
+    _remember(folder, attempt, {e["path"]: e[CHECKSUM] for s in shards.values() for e in s})
     prepared = _committed(folder, key)
     if prepared is None:  # nobody committed meanwhile: commit ours (the manifest goes last)
         storage.write_json(storage.join(folder, MANIFEST), manifest)
@@ -396,6 +570,120 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
     if progress:
         _summary(prepared, time.perf_counter() - t_start)
     return prepared
+
+
+# Operational settings: they change how files are decoded, never the stored clips.
+NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "max_reject_fraction")
+
+
+def _decode_pass(
+    cfg: DataConfig,
+    items: list[dict[str, Any]],
+    work: str,
+    reject_dir: str,
+    faults: tuple[tuple[str, str], ...],
+    *,
+    progress: bool,
+    retry: bool,
+) -> None:
+    """Decode ``items`` into ``work/shards`` (Ray Data tasks writing Parquet).
+
+    A task whose worker dies is retried once, then its block is dropped rather than failing
+    the whole dataset (Ray Data would otherwise retry it forever); the caller finds the
+    files that produced neither clips nor a reject. The ``retry`` pass decodes one file per
+    task, is not retried, and leaves a marker per decoded file.
+    """
+    import ray
+    import ray.data
+
+    spec = cfg.clip_spec()
+    clip_bytes = max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
+    if retry:
+        blocks = len(items)
+    else:
+        # A few files per block: enough blocks to keep every CPU busy and stream, few
+        # enough that per-task overhead stays small next to decoding.
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        blocks = min(len(items), max(4 * cpus, len(items) // 16), 4096)
+    fn_kwargs = {
+        "spec": spec,
+        "reject_dir": reject_dir,
+        "timeout_s": cfg.decode_timeout_s,
+        "faults": faults,
+        "decoded_dir": storage.join(work, "decoded.d") if retry else None,
+    }
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.max_errored_blocks
+    ctx.enable_progress_bars, ctx.max_errored_blocks = progress, -1
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        # Ray Data retries a task whose worker died forever (max_retries=-1): a file that
+        # kills its worker would stall prepare. Ray 2.60 takes max_retries only through the
+        # deprecated ray_remote_args (its named parameters cover scheduling, not retries).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(
+                _decode_batch,
+                batch_size=1,
+                fn_kwargs=fn_kwargs,
+                num_cpus=1,
+                max_retries=0 if retry else 1,
+            )
+        ds.write_parquet(
+            storage.join(work, "shards"),
+            partition_cols=["split"],
+            mode="append" if retry else "overwrite",
+            min_rows_per_file=None if retry else max(1, SHARD_BYTES // clip_bytes),
+        )
+    finally:
+        ctx.enable_progress_bars, ctx.max_errored_blocks = saved
+
+
+def _scan_all(folder: str, prefix: str) -> tuple[dict[str, list], list[int], set[str]]:
+    shards, labels, paths = {}, [], set()
+    for split in ("train", "val"):
+        shards[split], split_labels, split_paths = _scan_shards(
+            folder, f"{prefix}/shards/split={split}"
+        )
+        labels += split_labels
+        paths |= split_paths
+    return shards, labels, paths
+
+
+def _rejected_paths(reject_dir: str) -> set[str]:
+    return {
+        storage.read_json(storage.join(reject_dir, n))["path"]
+        for n in storage.listdir(reject_dir)
+        if n.endswith(".json")
+    }
+
+
+def _check_reject_fraction(
+    cfg: DataConfig, files: list[Any], rejects: list[dict[str, str]], rejects_uri: str
+) -> None:
+    """Stop when a source lost more than ``cfg.max_reject_fraction`` of its files."""
+    source_of = {f.path: f.source_id for f in files}
+    total = Counter(f.source_id for f in files)
+    lost = Counter(source_of[r["path"]] for r in rejects if r["path"] in source_of)
+    bad = [sid for sid, n in sorted(total.items()) if lost[sid] > cfg.max_reject_fraction * n]
+    if not bad:
+        return
+    lines = []
+    for sid in bad:
+        reasons = Counter(
+            r["reason"].split(":", 1)[0] for r in rejects if source_of.get(r["path"]) == sid
+        )
+        top = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common(3))
+        lines.append(
+            f"source {cfg.sources[sid]!r}: {lost[sid]} of {total[sid]} files rejected "
+            f"(top reasons: {top})"
+        )
+    raise RejectedSourceError(
+        f"prepare stopped: {'; '.join(lines)}, above data.max_reject_fraction="
+        f"{cfg.max_reject_fraction:g}. That means a wrong path or an unsupported codec rather "
+        f"than a few bad files. Rejects table (path, reason): {rejects_uri}. Nothing was "
+        "committed; fix the source, or raise data.max_reject_fraction to keep the good files."
+    )
 
 
 def _remove_stale_attempts(folder: str, *, keep: str, before: str) -> None:

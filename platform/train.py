@@ -593,6 +593,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if monitor is not None:
         monitor.finish()
     save_checkpoint(metrics)
+    if logger:  # send what is queued (bounded wait); the driver ends the run
+        logger.close()
 
 
 class _PrefixedLogger:
@@ -601,6 +603,9 @@ class _PrefixedLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.inner.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _select(batch: Mapping[str, torch.Tensor], columns: tuple[str, ...]) -> dict:
@@ -692,6 +697,8 @@ def run_training(
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     if logger and ckpt:
         logger.set_tags({"checkpoint": ckpt, "ray_storage": storage.join(location, job.name)})
+    if logger:  # sent before the caller ends the run with its own logger
+        logger.close()
     return TrainResult(
         checkpoint_dir=ckpt,
         metrics=metrics,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers_data import make_broken_folder, write_png
+from helpers_data import make_broken_folder, write_index_video, write_png
 
 from vitok.platform.data import (
     DataConfig,
@@ -110,6 +111,7 @@ def test_broken_folder_yields_good_clips_and_rejects_table(ray_local, tmp_path: 
         size=(32, 32),
         clips_per_video=1,
         val_fraction=0.0,
+        max_reject_fraction=1.0,  # 7 of its 10 files are broken on purpose
     )
     p = prepare(cfg, str(tmp_path / "out"), progress=False)
     with open(p.rejects_path, newline="") as fh:
@@ -162,6 +164,7 @@ def test_preprocess_cli_logs_counts_to_mlflow(ray_local, tmp_path: Path, mlflow_
     make_broken_folder(tmp_path / "videos")
     argv = ["--source", f"videos:{tmp_path / 'videos'}", "--storage", str(tmp_path / "out")]
     argv += ["--set", "frames=8", "--set", "size=[32,32]", "--set", "val_fraction=0.0"]
+    argv += ["--set", "max_reject_fraction=1.0"]  # 7 of its 10 files are broken on purpose
     assert main([*argv, "--tracking-uri", mlflow_uri, "--no-progress"]) == 0
     client = MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name("vitok-preprocess")
@@ -213,3 +216,94 @@ def test_preprocess_cli_applies_source_and_set_together(ray_local, tmp_path: Pat
     argv = ["--set", "frames=1", "--source", f"images:{tmp_path / 'img'}"]
     argv += ["--set", "size=[16,16]", "--storage", str(tmp_path / "out"), "--no-progress"]
     assert main(argv) == 0
+
+
+def _reasons(p: PreparedData) -> dict[str, str]:
+    with open(p.rejects_path, newline="") as fh:
+        return {Path(r["path"]).name: r["reason"] for r in csv.DictReader(fh)}
+
+
+def test_hung_crashed_and_killed_decodes_are_rejected(ray_local, tmp_path, monkeypatch) -> None:
+    """A decoder hung inside native code is cut off by the timeout, a decoder that
+    segfaults and a decode task whose worker is SIGKILLed (as by the OOM killer) cost their
+    file only: prepare finishes with every good file's clips."""
+    from vitok.platform.data import FAULTS_ENV
+
+    folder = tmp_path / "videos"
+    good = [write_index_video(folder / "a" / f"good_{i}.mp4", 30) for i in range(4)]
+    for name in ("hang_me", "segv_me", "die_me"):  # decodable files, broken by injection
+        write_index_video(folder / "b" / f"{name}.mp4", 30)
+    monkeypatch.setenv(FAULTS_ENV, "hang=hang_*,crash=segv_*,die=die_*")
+    cfg = DataConfig(
+        sources=(f"videos:{folder}",),
+        frames=8,
+        size=(32, 32),
+        clips_per_video=1,
+        val_fraction=0.0,
+        decode_timeout_s=3.0,
+    )
+    p = prepare(cfg, str(tmp_path / "out"), progress=False)
+    reasons = _reasons(p)
+    assert set(reasons) == {"hang_me.mp4", "segv_me.mp4", "die_me.mp4"}
+    assert reasons["hang_me.mp4"].startswith("timeout: no result after 3 s")
+    assert reasons["segv_me.mp4"].startswith("crashed: the decoder process died")
+    assert "SIGSEGV" in reasons["segv_me.mp4"]
+    assert reasons["die_me.mp4"].startswith("crashed: the decode task died")
+    assert p.num_train == len(good) and p.num_rejects == 3
+    rows = clip_dataset(p, "train", columns=("path",)).take_all()
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(g.name for g in good)
+    monkeypatch.delenv(FAULTS_ENV)
+    assert prepare(cfg, str(tmp_path / "out"), progress=False).reused  # committed and whole
+
+
+def test_a_mostly_rejected_source_stops_prepare(ray_local, tmp_path: Path) -> None:
+    from vitok.platform.data import RejectedSourceError
+
+    folder = tmp_path / "videos"
+    write_index_video(folder / "a" / "good.mp4", 30)
+    for i in range(3):  # a wrong codec, say: every other file unreadable
+        (folder / "a" / f"junk_{i}.mp4").write_bytes(b"not a video\n" * 50)
+    cfg = DataConfig(sources=(f"videos:{folder}",), frames=8, size=(32, 32), val_fraction=0.0)
+    with pytest.raises(RejectedSourceError) as info:
+        prepare(cfg, str(tmp_path / "out"), progress=False)
+    message = str(info.value)
+    assert "3 of 4 files rejected" in message and "cannot open (3)" in message
+    rejects = Path(message.split("Rejects table (path, reason): ")[1].split(". ")[0])
+    assert rejects.name == "rejects.csv" and len(rejects.read_text().splitlines()) == 1 + 3
+    data = next((tmp_path / "out" / "data").glob("*/attempts")).parent
+    assert not (data / "manifest.json").exists()  # nothing a later run would trust
+
+    # Allowed explicitly: the same cache key (an operational setting), the good file kept.
+    lenient = dataclasses.replace(cfg, max_reject_fraction=1.0)
+    p = prepare(lenient, str(tmp_path / "out"), progress=False)
+    assert Path(p.root) == data and p.num_train == 1 and p.num_rejects == 3
+    assert [a.name for a in (data / "attempts").iterdir()] == [p.manifest["attempt"]]
+
+
+def test_a_flipped_byte_in_a_cached_shard_is_detected(ray_local, tmp_path, capsys) -> None:
+    cfg = DataConfig(
+        sources=("synthetic",),
+        frames=4,
+        size=(16, 16),
+        clips_per_video=1,
+        val_fraction=0.0,
+        synthetic_classes=2,
+        synthetic_videos=4,
+    )
+    root = str(tmp_path / "store")
+    first = prepare(cfg, root, progress=False)
+    entry = first.manifest["files"]["train"][0]
+    assert len(entry["crc32"]) == 8
+    assert prepare(cfg, root, progress=False).reused
+
+    victim = Path(first.root) / entry["path"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in place: same size
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    fixed = prepare(cfg, root, progress=False)
+    out = capsys.readouterr().out
+    assert "fails its checksum" in out and "rebuilding" in out
+    assert not fixed.reused and fixed.manifest["attempt"] != first.manifest["attempt"]
+    assert clip_dataset(fixed, "train").count() == 4
+    assert prepare(cfg, root, progress=False).reused
