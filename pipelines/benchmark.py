@@ -108,14 +108,14 @@ def bench_data(args: argparse.Namespace) -> None:
             size=(args.size, args.size),
             clips_per_video=args.clips_per_video,
             synthetic_videos=args.synthetic_videos,
-            output_root=str(work / f"ray-{source}"),
         )
-        files, _ = list_sources(cfg, Path(cfg.output_root).resolve())  # renders synthetic
+        root = str((work / f"ray-{source}").resolve())
+        files, _ = list_sources(cfg, f"{root}/data")  # renders synthetic (as prepare would)
         in_mb = sum(os.path.getsize(f.path) for f in files) / 1e6
         clip_mb = args.frames * args.size * args.size * 3 / 1e6
 
         t = time.perf_counter()
-        prepared = prepare(cfg, progress=False)
+        prepared = prepare(cfg, root, progress=False)
         seconds = time.perf_counter() - t
         n = prepared.num_train + prepared.num_val
         _row(source, "ray data (prepare)", n, seconds, in_mb, n * clip_mb)

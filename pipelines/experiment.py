@@ -13,9 +13,11 @@ from pathlib import Path
 
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.search import SearchConfig
+from vitok.platform import storage
 from vitok.platform.config import apply_overrides, from_yaml, to_yaml
 from vitok.platform.data import DataConfig
 from vitok.platform.metrics import MetricsConfig
+from vitok.platform.storage import StorageConfig
 from vitok.platform.tracking import TrackingConfig
 from vitok.platform.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
@@ -42,7 +44,7 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    results_dir: str = "./results"
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -68,9 +70,9 @@ class ExperimentConfig:
         tok["input_size"] = [frames, *list(size)]
         return {**data, "tokenizer": tok}
 
-    @property
-    def results_path(self) -> Path:
-        return Path(self.results_dir).expanduser().resolve()
+    def run_dir(self, name: str) -> str:
+        """The storage folder of a standalone run (its MLflow run id, Ray Train storage)."""
+        return storage.join(self.storage.uri, "runs", name)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, presets: list[str]) -> None:

@@ -49,7 +49,7 @@ from vitok.platform.metrics import (
     load_inception,
     to_uint8,
 )
-from vitok.platform.train import load_model_state
+from vitok.platform.train import load_model_state, load_task_state
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 
@@ -113,7 +113,8 @@ def latent_features(latents: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the workers
 @dataclass(frozen=True)
 class GenerationSpec:
-    """Everything a sampling worker needs (picklable; checkpoint paths every node reaches)."""
+    """Everything a sampling worker needs (picklable; checkpoints as folders or URIs that
+    every node reaches)."""
 
     generator_checkpoint: str
     tokenizer_checkpoint: str
@@ -164,11 +165,8 @@ class _Sampler:
     """The EMA generator and the tokenizer, loaded once; ``clips(ids)`` samples and decodes."""
 
     def __init__(self, spec: GenerationSpec, device: str) -> None:
-        ckpt = spec.generator_checkpoint
-        extra_path = os.path.join(ckpt, "task_state.pt")
-        extra = None
-        if os.path.exists(extra_path):
-            extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+        ckpt = spec.generator_checkpoint  # a folder or a URI under the storage root
+        extra = load_task_state(ckpt) or None
         channels = spec.latent_shape[-1]
         state = load_model_state(ckpt)
         self.dit = load_generator(state, spec.generator, channels, extra).to(device)

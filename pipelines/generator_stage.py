@@ -46,6 +46,7 @@ from vitok.pipelines.generation_eval import (
     resolve_networks,
 )
 from vitok.pipelines.tokenizer_stage import load_tokenizer
+from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_dataset, to_model_input
 from vitok.platform.latents import LatentSet, LatentStats, extract_latents
@@ -130,12 +131,13 @@ def latents_for(
     tokenizer_checkpoint: str,
     model: TokenizerConfig,
     crop: tuple[int, int] | None,
-    out_root: Path,
+    out_root: str,
     train: TrainConfig,
 ) -> LatentSet:
-    """Latents of the prepared clips, keyed by tokenizer checkpoint, config and data hash."""
+    """Latents of the prepared clips under ``out_root`` (storage), keyed by tokenizer
+    checkpoint, config and data hash."""
     key_src = {
-        "checkpoint": str(Path(tokenizer_checkpoint).resolve()),
+        "checkpoint": tokenizer_checkpoint,
         "tokenizer": to_dict(model),
         "crop": list(crop) if crop else None,
         "data": prepared.config_hash,
@@ -146,8 +148,8 @@ def latents_for(
         datasets["val"] = clip_dataset(prepared, "val")
     return extract_latents(
         datasets,
-        TokenizerEncoder(str(Path(tokenizer_checkpoint).resolve()), model, crop),
-        out_root / key,
+        TokenizerEncoder(tokenizer_checkpoint, model, crop),
+        storage.join(out_root, key),
         batch_size=train.batch_size,
         num_cpus=train.cpus_per_worker,
         num_gpus=1.0 if train.use_gpu else 0.0,
@@ -213,15 +215,18 @@ def run_generator(
     prepared: PreparedData,
     tokenizer_checkpoint: str | Path,
     *,
+    run_dir: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
     tokenizer_run_id: str | None = None,
 ) -> GeneratorRun:
     """Train and evaluate one generator on a frozen tokenizer, logging one MLflow run.
 
-    ``cfg.generator_train`` must be set. Rerunning with the same name resumes the training
-    and reuses the latents. ``metrics`` holds ``val/diffusion_loss`` and the generation
-    metrics (``frechet_tokenizer_latent`` ...; ``gfid`` / ``gfvd`` with weight files).
+    ``cfg.generator_train`` must be set. ``run_dir`` (default ``<storage root>/runs/<name>``)
+    keeps the MLflow run id, the latents and the Ray Train storage: rerunning with the same
+    name resumes the training and reuses the latents. ``metrics`` holds
+    ``val/diffusion_loss`` and the generation metrics (``frechet_tokenizer_latent`` ...;
+    ``gfid`` / ``gfvd`` with weight files).
     """
     train = cfg.generator_train
     if train is None:
@@ -232,9 +237,9 @@ def run_generator(
             f"generator.num_classes={cfg.generator.num_classes} is smaller than the data's "
             f"{num_labels} labels {sorted(prepared.label_map)}"
         )
-    tokenizer_checkpoint = str(Path(tokenizer_checkpoint).expanduser().resolve())
+    tokenizer_checkpoint = storage.resolve_root(str(tokenizer_checkpoint))
     name = run_name or f"{cfg.name}-generator"
-    out_dir = cfg.results_path / name
+    out_dir = run_dir or cfg.run_dir(name)
     tags = {
         "vitok.kind": "generator",
         "vitok.variant": cfg.tokenizer.variant,
@@ -245,7 +250,7 @@ def run_generator(
     run_id = start_run(
         cfg.tracking,
         name,
-        resume_file=out_dir / "mlflow_run_id",
+        resume_file=storage.join(out_dir, "mlflow_run_id"),
         parent_run_id=parent_run_id,
         tags=tags,
     )
@@ -253,7 +258,12 @@ def run_generator(
     try:
         crop = cfg.data.crop
         latent_set = latents_for(
-            prepared, tokenizer_checkpoint, cfg.tokenizer, crop, out_dir / "latents", train
+            prepared,
+            tokenizer_checkpoint,
+            cfg.tokenizer,
+            crop,
+            storage.join(out_dir, "latents"),
+            train,
         )
         latent_shape = latent_set.latent_shape  # (t, h, w, c)
         channels = latent_shape[-1]
@@ -278,7 +288,7 @@ def run_generator(
                 {"generator": to_dict(cfg.generator), "generator_train": to_dict(train)}
             )
             logger.log_text(dump_config(cfg), "config.yaml")
-            logger.log_artifact(latent_set.stats_path, "latents")
+            logger.log_dict(dataclasses.asdict(latent_set.stats), "latents/latent_stats.json")
             logger.log_metrics({f"latents/{s}": n for s, n in latent_set.counts.items()})
 
         datasets = {split: latent_set.dataset(split) for split in latent_set.splits}
@@ -294,7 +304,7 @@ def run_generator(
             run_id=run_id,
             params=params,
         )
-        result = run_training(job, datasets, storage_path=out_dir / "ray")
+        result = run_training(job, datasets, storage_path=storage.join(out_dir, "ray"))
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
         metrics.update(
             evaluate_generation(

@@ -13,7 +13,7 @@ MLFLOW_TRACKING_URI) logs the counts, config and rejects table to an MLflow run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import sys
 
@@ -21,17 +21,15 @@ from vitok.platform.runtime import use_shipped_code
 
 use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
 
+from vitok.platform import storage  # noqa: E402
 from vitok.platform.config import apply_overrides, flatten  # noqa: E402
 from vitok.platform.data import DataConfig, PreparedData, ensure_ray, prepare  # noqa: E402
 
 
 def build_config(args: argparse.Namespace) -> DataConfig:
-    cfg = DataConfig()
-    if args.source:
-        cfg = dataclasses.replace(cfg, sources=tuple(args.source))
-    if args.output:
-        cfg = dataclasses.replace(cfg, output_root=args.output)
-    return apply_overrides(cfg, args.set)
+    """``--source`` and ``--set`` applied together, then validated once (order never matters)."""
+    sources = [f"sources={json.dumps(list(args.source))}"] if args.source else []
+    return apply_overrides(DataConfig(), sources + list(args.set))
 
 
 def log_to_mlflow(prepared: PreparedData, uri: str, experiment: str) -> str:
@@ -48,9 +46,9 @@ def log_to_mlflow(prepared: PreparedData, uri: str, experiment: str) -> str:
         mlflow.log_params({f"data.{k}": str(v)[:500] for k, v in flatten(cfg).items()})
         mlflow.log_metrics({k: float(v) for k, v in counts.items() if isinstance(v, int)})
         mlflow.set_tags({"data.hash": prepared.config_hash, "data.root": str(prepared.root)})
-        mlflow.log_artifact(str(prepared.rejects_path), artifact_path="data")
-        mlflow.log_artifact(str(prepared.root / "manifest.json"), artifact_path="data")
-        mlflow.log_artifact(str(prepared.root / "labels.json"), artifact_path="data")
+        mlflow.log_artifact(str(storage.local_copy(prepared.rejects_path)), artifact_path="data")
+        mlflow.log_dict(prepared.manifest, "data/manifest.json")
+        mlflow.log_dict(prepared.label_map, "data/labels.json")
         return run.info.run_id
 
 
@@ -65,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="synthetic | samples | videos:PATH | images:PATH | PATH (repeatable)",
     )
-    parser.add_argument("--output", help="output root (default ./data_cache)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="storage root: a folder, s3://bucket/prefix or a shared mount "
+        "(default $VITOK_STORAGE or ./results); shards go to <root>/data/<hash>",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="DataConfig override"
     )
@@ -90,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
                 log_to_driver=False,
             )
     ensure_ray()
-    prepared = prepare(cfg, progress=not args.no_progress)
+    prepared = prepare(cfg, storage.resolve_root(args.storage), progress=not args.no_progress)
     counts = prepared.manifest["counts"]
     print(
         f"files: {counts['files_total']} total, {counts['files_ok']} ok, "
         f"{counts['files_rejected']} rejected; clips: {prepared.num_train} train, "
         f"{prepared.num_val} val; labels: {len(prepared.label_map)}"
     )
-    print(f"train shards: {prepared.train_dir}")
-    print(f"val shards:   {prepared.val_dir}")
+    print(f"shards:       {prepared.root} ({len(prepared.files('train'))} train files, ")
+    print(f"              {len(prepared.files('val'))} val files; listed in manifest.json)")
     print(f"rejects:      {prepared.rejects_path} ({prepared.num_rejects})")
     if args.tracking_uri:
         run_id = log_to_mlflow(prepared, args.tracking_uri, args.experiment)

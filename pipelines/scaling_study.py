@@ -26,6 +26,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -39,17 +40,25 @@ from vitok.pipelines.experiment import (  # noqa: E402
 from vitok.pipelines.paper import FINDINGS, paper_row  # noqa: E402
 from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
 from vitok.pipelines.search import parse_objective, trial_name  # noqa: E402
+from vitok.platform import storage  # noqa: E402
 from vitok.platform.config import apply_overrides, to_yaml  # noqa: E402
+from vitok.platform.data import ensure_ray  # noqa: E402
 from vitok.platform.report import (  # noqa: E402
     console_table,
     markdown_table,
     scaling_figure,
     write_csv,
 )
+from vitok.platform.study import (  # noqa: E402
+    FINISHED,
+    StudyStore,
+    report_to_tune_callback,
+    seeded_optuna_storage,
+    study_progress,
+)
 from vitok.platform.tracking import RunLogger, resolve_uri, start_run  # noqa: E402
 
 RECON_METRICS = ("psnr", "ssim", "lpips", "fid", "fvd")
-TRIAL_LOG = "trial_starts.jsonl"
 
 
 def objective_key(metric: str) -> str:
@@ -57,63 +66,86 @@ def objective_key(metric: str) -> str:
     return f"val/{metric}" if metric in RECON_METRICS else metric
 
 
+def trial_overrides(config: dict[str, Any]) -> tuple[str, ...]:
+    """A Tune trial's config (grid: its override list; Optuna: axis -> value) as overrides."""
+    if "overrides" in config:
+        return tuple(config["overrides"])
+    return tuple(f"{k}={v}" for k, v in sorted(config.items()))
+
+
+def _scalars(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if isinstance(v, int | float | str)}
+
+
 # ----------------------------------------------------------------------------- one trial
 def run_trial(
-    config: dict[str, Any], *, base: ExperimentConfig, study_dir: str, parent_run_id: str | None
+    config: dict[str, Any], *, base: ExperimentConfig, study_uri: str, parent_run_id: str | None
 ) -> None:
-    """A Tune function trainable: one tokenizer's whole path, reported back to Tune."""
+    """A Tune function trainable: one tokenizer's whole path, committed, reported to Tune.
+
+    Runs on any node: everything it reads and writes is under the storage root. A trial
+    that finds its committed result reports it and returns (a rerun costs nothing); one
+    killed half-way resumes its Ray Train runs from their checkpoints, into its MLflow runs.
+    """
+    import ray
+    import ray.data
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from vitok.pipelines.generator_stage import run_generator
-    from vitok.pipelines.tokenizer_stage import run_tokenizer
+    from vitok.pipelines.tokenizer_stage import run_tokenizer, tokenizer_params
     from vitok.platform.data import prepare
 
-    overrides = (
-        tuple(config["overrides"])
-        if "overrides" in config
-        else tuple(f"{k}={v}" for k, v in sorted(config.items()))
-    )
-    cfg = apply_overrides(base, list(overrides))
+    overrides = trial_overrides(config)
     name = trial_name(overrides)
-    cfg = dataclasses.replace(cfg, name=name, results_dir=str(Path(study_dir) / "trials"))
-    _log_trial(study_dir, name, "started")
-    prepared = prepare(cfg.data, progress=False)  # the study prepared it: reused instantly
+    store = StudyStore(study_uri)
+    committed = store.result(name)
+    if committed is not None:
+        tune.report(_scalars(committed))
+        return
+    # Concurrent trials' Ray Data progress bars would interleave on the study's console.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    node = ray.get_runtime_context().get_node_id()
+    store.log_event(name, "started", node_id=node)
+    cfg = dataclasses.replace(apply_overrides(base, list(overrides)), name=name)
+    prepared = prepare(cfg.data, cfg.storage.uri, progress=False)  # committed: reused at once
+    objectives = [objective_key(m) for m, _ in map(parse_objective, cfg.search.objectives)]
+    to_tune = report_to_tune_callback(objectives, _scalars(tokenizer_params(cfg.tokenizer)))
     tok = run_tokenizer(
         cfg,
         prepared,
+        run_dir=store.trial_dir(name),
         parent_run_id=parent_run_id,
         run_name=name,
         log_model=False,
-        callbacks=[TuneReportCallback()],
+        callbacks=[to_tune],
     )
     result: dict[str, Any] = {"trial": name, "tokenizer_run_id": tok.run_id or ""}
-    result.update({k: v for k, v in tok.params.items() if isinstance(v, int | float | str)})
+    result.update(_scalars(tok.params))
     result.update(tok.metrics)
+    result["tokenizer_checkpoint"] = tok.checkpoint_dir
     if cfg.generator_train is not None:
         gen = run_generator(
             cfg,
             prepared,
             tok.checkpoint_dir,
+            run_dir=storage.join(store.trial_dir(name), "generator"),
             parent_run_id=parent_run_id,
             run_name=f"{name}-gen",
             tokenizer_run_id=tok.run_id,
         )
         result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
-    tune.report(result)
-    _log_trial(study_dir, name, "finished")
-
-
-def _log_trial(study_dir: str, name: str, event: str) -> None:
-    """Append-only evidence of what ran (a resumed study must not rerun finished trials)."""
-    with open(Path(study_dir) / TRIAL_LOG, "a") as f:
-        f.write(json.dumps({"trial": name, "event": event, "time": time.time()}) + "\n")
+        result["generator_run_id"] = gen.run_id or ""
+        result["generator_checkpoint"] = gen.checkpoint_dir
+    result["node_id"] = node
+    store.commit(name, {**result, "params": dict(config), "overrides": list(overrides)})
+    store.log_event(name, "finished", node_id=node)
+    tune.report(_scalars(result))
 
 
 # ----------------------------------------------------------------------------- the study
 @dataclasses.dataclass
 class StudyResult:
-    study_dir: Path
+    store: StudyStore
     rows: list[dict[str, Any]]
     failed: list[dict[str, Any]]
     fits: dict[str, float]
@@ -134,73 +166,89 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _study_dir(cfg: ExperimentConfig, resume: bool) -> Path:
-    """The study's folder; a fresh (non-resumed) study never overwrites an earlier one."""
-    root = cfg.results_path
-    candidates = [root / cfg.name] + [root / f"{cfg.name}-{i}" for i in range(2, 1000)]
-    existing = [p for p in candidates if p.exists()]
-    if resume:
-        if not existing:
-            raise SystemExit(f"error: --resume but no study {cfg.name!r} under {root}")
-        return existing[-1]
-    return next(p for p in candidates if not p.exists())
+def _tuner(
+    cfg: ExperimentConfig, store: StudyStore, trainable: Any, done: dict[str, dict[str, Any]]
+) -> tuple[Any, Any]:
+    """A fresh Tune run for what is left (None when nothing is), and the Optuna db to keep.
 
-
-def _tuner(cfg: ExperimentConfig, study_dir: Path, trainable: Any, resume: bool):
+    Never restores Tune's own state: finished trials are the committed results in ``done``.
+    """
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
-    tune_path = study_dir / "tune" / "study"
-    if resume and Tuner.can_restore(str(tune_path)):
-        print(f"[vitok] resuming the Tune study at {tune_path}")
-        return Tuner.restore(str(tune_path), trainable, resume_errored=True)
     search = cfg.search
     objectives = [parse_objective(o) for o in search.objectives]
     metrics = [objective_key(m) for m, _ in objectives]
     modes = [mode for _, mode in objectives]
+    attempt = storage.attempt_id()
     run_config = RunConfig(
-        name="study",
-        storage_path=str(study_dir / "tune"),
-        failure_config=FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
+        name=f"attempt-{attempt}",
+        storage_path=store.path("tune"),
+        # A retried trial resumes: committed results return at once, Train runs restore.
+        failure_config=FailureConfig(max_failures=search.max_failures),
+        callbacks=[study_progress(store, lambda c: trial_name(trial_overrides(c)), _trial_line)],
         verbose=1,
     )
     if search.mode == "grid":
-        trials = _unique_trials(cfg)
-        space = {"overrides": tune.grid_search([list(t) for t in trials])}
+        pending = [list(t) for t in _unique_trials(cfg) if trial_name(t) not in done]
+        if not pending:
+            return None, None
+        print(f"[vitok] {len(done)} trials already committed, {len(pending)} to run")
+        space = {"overrides": tune.grid_search(pending)}
         tune_config = TuneConfig(max_concurrent_trials=search.max_concurrent)
-        return Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+        tuner = Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+        return tuner, None
 
-    import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    space = {name: tune.choice(values) for name, values in search.space().items()}
-    if not space:
+    axes = search.space()
+    if not axes:
         raise SystemExit("error: search.mode=optuna needs search.sweeps to define the axes")
+    remaining = search.num_samples - len(done)
+    if remaining <= 0:
+        return None, None
+    seeds = [
+        (r["params"], [r[m] for m in metrics])
+        for r in done.values()
+        if "params" in r and all(m in r for m in metrics)
+    ]
+    db = storage.scratch_dir() / f"optuna-{store.name}-{attempt}.db"
+    url = seeded_optuna_storage(str(db), cfg.name, axes, modes, seeds)
+    print(f"[vitok] optuna: {len(seeds)} finished trials told to the sampler, {remaining} to run")
     single = len(metrics) == 1
-    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'optuna.db'}")
     searcher = OptunaSearch(
         metric=metrics[0] if single else metrics,
         mode=modes[0] if single else modes,
-        storage=storage,
+        storage=__import__("optuna").storages.RDBStorage(url),
         study_name=cfg.name,
-        seed=search.seed,
+        seed=search.seed + len(done),  # a resumed study does not replay the same draws
     )
     scheduler = None
     if search.asha and single:
+        # Every result Tune sees carries the objective (report_to_tune_callback), so ASHA
+        # compares evaluations at equal numbers of evaluations.
         scheduler = ASHAScheduler(
-            metric=metrics[0],
-            mode=modes[0],
-            grace_period=search.asha_grace_period,
-            max_t=10**6,
+            metric=metrics[0], mode=modes[0], grace_period=search.asha_grace_period, max_t=10**6
         )
     tune_config = TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,
-        num_samples=search.num_samples,
+        num_samples=remaining,
         max_concurrent_trials=search.max_concurrent,
     )
-    return Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    space = {name: tune.choice(values) for name, values in axes.items()}
+    tuner = Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    return tuner, db
+
+
+def _trial_line(result: dict[str, Any]) -> str:
+    """``E=1024, PSNR 21.3 dB, SSIM 0.61`` for the console line of a finished trial."""
+    shown = [f"E={result['E']}"] if "E" in result else []
+    for key, label, unit in (("val/psnr", "PSNR", " dB"), ("val/ssim", "SSIM", "")):
+        if key in result:
+            shown.append(f"{label} {result[key]:.3g}{unit}")
+    return ", ".join(shown) or "no metrics"
 
 
 def _unique_trials(cfg: ExperimentConfig) -> list[tuple[str, ...]]:
@@ -215,61 +263,161 @@ def _unique_trials(cfg: ExperimentConfig) -> list[tuple[str, ...]]:
     return out
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Fail fast, with the fix, when a study cannot run here (a paper preset on a laptop)."""
-    import ray
+def missing_weight_files(cfg: ExperimentConfig) -> list[str]:
+    """What a study would miss at its first step (or its evaluation), as fixes to apply."""
+    import os
 
+    problems = []
+    loss = cfg.loss
+    if loss.lpips_weight > 0 and (cfg.train is not None or cfg.stage2 is not None):
+        if not loss.lpips_available:
+            problems.append(
+                f"loss.lpips_weight={loss.lpips_weight} needs loss.vgg_weights=<torchvision "
+                "vgg16 state dict .pth> and loss.lpips_weights=<the lpips package's "
+                "weights/v0.1/vgg.pth>; or --set loss.lpips_weight=0 to train without LPIPS"
+            )
+        else:
+            for field in ("vgg_weights", "lpips_weights"):
+                path = getattr(loss, field)
+                if not Path(path).expanduser().is_file():
+                    problems.append(f"loss.{field}={path!r} is not a file on this node")
+    files = {
+        "fid": (
+            "inception_weights",
+            "VITOK_INCEPTION_WEIGHTS",
+            "pt_inception-2015-12-05-6726825d.pth",
+        ),
+        "fvd": ("i3d_weights", "VITOK_I3D_WEIGHTS", "i3d_torchscript.pt"),
+    }
+    for metric in cfg.metrics.require:
+        field, env, file_name = files[metric]
+        path = getattr(cfg.metrics, field) or os.environ.get(env)
+        if not path:
+            problems.append(
+                f"metrics.require asks for {metric}: set metrics.{field}=<{file_name}> "
+                f"(or {env}); or drop it from metrics.require"
+            )
+        elif not Path(path).expanduser().is_file():
+            problems.append(f"metrics.{field}={path!r} ({metric}) is not a file on this node")
+    return problems
+
+
+def resource_problems(cfg: ExperimentConfig) -> tuple[list[str], list[dict[str, float]]]:
+    """What no node (type) of this cluster can ever hold, naming the setting to change; and
+    the largest GPU stage's worker bundles, to ask an autoscaler for."""
+    from vitok.platform import cluster
+    from vitok.platform.config import parse_resources
+
+    types = cluster.autoscaler_node_types()
+    live = cluster.live_node_resources()
+    where = "no node type of this cluster's autoscaler" if types else "no node of this cluster"
+    problems, wanted = [], []
+    stages = {"train": cfg.train, "stage2": cfg.stage2, "generator_train": cfg.generator_train}
+    for stage, train in stages.items():
+        if train is None:
+            continue
+        bundle = {
+            "CPU": train.cpus_per_worker,
+            **parse_resources(f"{stage}.resources", train.resources),
+        }
+        if train.use_gpu:
+            bundle["GPU"] = 1.0
+        what = cluster.describe_bundles([bundle])
+        if not cluster.can_ever_fit(bundle, types, live):
+            problems.append(
+                f"{stage}: one worker needs {what[4:]} but {where} has that; set "
+                f"{stage}.use_gpu / {stage}.cpus_per_worker / {stage}.resources to what exists "
+                "(a laptop: --set " + f"{stage}.use_gpu=false --set {stage}.num_workers=1)"
+            )
+        elif cluster.max_bundles(bundle, types, live) < train.num_workers:
+            problems.append(
+                f"{stage}.num_workers={train.num_workers} asks for {train.num_workers} x "
+                f"{what[4:]} but this cluster can hold at most "
+                f"{cluster.max_bundles(bundle, types, live):g} at once; lower "
+                f"{stage}.num_workers or add nodes"
+            )
+        elif train.use_gpu and len(wanted) < train.num_workers:
+            wanted = [bundle] * train.num_workers
+    trial = {"CPU": cfg.search.trial_cpus, **cfg.search.trial_resources_dict()}
+    if not cluster.can_ever_fit(trial, types, live):
+        problems.append(
+            f"search.trial_resources={list(cfg.search.trial_resources)}: {where} holds a "
+            f"trial driver of {cluster.describe_bundles([trial])[4:]}"
+        )
+    return problems, wanted if types is not None else []
+
+
+def preflight(cfg: ExperimentConfig, wait_s: float = 1800.0) -> bool:
+    """Fail fast, naming every missing piece and its fix, when a study cannot run here (a
+    paper preset on a laptop): weight files, data, resources; all before any compute. On an
+    autoscaling cluster, ask for the largest GPU stage's workers and wait (timed lines).
+    Returns whether an autoscaler request stands (released when the study ends)."""
+    from vitok.platform import cluster
     from vitok.platform.sources import parse_source
 
+    problems = missing_weight_files(cfg)
     for src in cfg.data.sources:
         kind, path = parse_source(src)
-        if path and not Path(path).expanduser().exists():
-            raise SystemExit(
-                f"error: data source {src!r} does not exist here; pass --data /path/to/dataset "
-                "(a folder of videos or images reachable from every node)"
+        if path and storage.is_local(path) and not Path(path).expanduser().exists():
+            problems.append(
+                f"data source {src!r} does not exist here; pass --data /path/to/dataset "
+                "(a folder of videos or images at the same path on every node)"
             )
-    for stage, train in (
-        ("train", cfg.train),
-        ("stage2", cfg.stage2),
-        ("generator_train", cfg.generator_train),
-    ):
-        if train is None or not train.use_gpu:
-            continue
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < train.num_workers:
-            raise SystemExit(
-                f"error: {stage} asks for {train.num_workers} GPU workers but this Ray cluster "
-                f"has {gpus:g} GPUs; run on a GPU cluster (see README, 'Run on a cluster') or "
-                f"--set {stage}.use_gpu=false --set {stage}.num_workers=1"
-            )
+    ensure_ray()
+    more, wanted = resource_problems(cfg)
+    problems += more
+    if problems:
+        raise SystemExit("error: this study cannot start:\n  - " + "\n  - ".join(problems))
+    if not wanted:
+        return False
+    if not cluster.request_and_wait(wanted, timeout_s=wait_s, keep=True):
+        raise SystemExit(f"error: the autoscaler did not bring up the GPUs within {wait_s:.0f} s")
+    return True
 
 
-def run_study(cfg: ExperimentConfig, *, resume: bool = False, preset_name: str = "") -> StudyResult:
-    from ray import tune
-
-    from vitok.platform.data import ensure_ray, prepare
+def run_study(
+    cfg: ExperimentConfig, *, resume: bool = False, force: bool = False, preset_name: str = ""
+) -> StudyResult:
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-    ensure_ray()
-    preflight(cfg)
-    study_dir = _study_dir(cfg, resume)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    # Trials run in other directories (and on other nodes): ship absolute paths only.
+    requested = preflight(cfg)
+    # Trials run in other directories and on other nodes: ship absolute locations only.
     cfg = dataclasses.replace(
         cfg,
         tracking=dataclasses.replace(cfg.tracking, uri=resolve_uri(cfg.tracking.uri)),
-        data=dataclasses.replace(
-            cfg.data, output_root=str(Path(cfg.data.output_root).expanduser().resolve())
-        ),
-        results_dir=str(cfg.results_path),
+        storage=dataclasses.replace(cfg.storage, root=cfg.storage.uri),
     )
-    (study_dir / "config.yaml").write_text(dump_config(cfg))
-    prepared = prepare(cfg.data)
+    store = StudyStore.locate(cfg.storage.root, cfg.name, resume=resume)
+    store.acquire()  # one driver per study: a second start or --resume is refused
+    try:
+        return _run_claimed_study(cfg, store, resume, force, preset_name, requested)
+    finally:
+        store.release()
+
+
+def _run_claimed_study(
+    cfg: ExperimentConfig,
+    store: StudyStore,
+    resume: bool,
+    force: bool,
+    preset_name: str,
+    requested: bool,
+) -> StudyResult:
+    from ray import tune
+
+    from vitok.platform.data import prepare
+
+    if resume:
+        check_resumable(store, cfg, force=force)
+    else:
+        storage.write_text(store.path("config.yaml"), dump_config(cfg))
+    print(f"[vitok] study {store.name}: {store.uri}")
+    prepared = prepare(cfg.data, cfg.storage.root)
     parent = start_run(
         cfg.tracking,
-        study_dir.name,
-        resume_file=study_dir / "mlflow_run_id",
+        store.name,
+        resume_file=store.path("mlflow_run_id"),
         tags={"vitok.kind": "study", "vitok.preset": preset_name or "custom"},
     )
     logger = RunLogger(cfg.tracking.uri, parent) if parent else None
@@ -284,46 +432,81 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False, preset_name: str =
                 "data_hash": prepared.config_hash,
                 "data_train_clips": prepared.num_train,
                 "data_val_clips": prepared.num_val,
+                "storage": store.uri,
             }
         )
         logger.log_text(dump_config(cfg), "config.yaml")
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, study_dir=str(study_dir), parent_run_id=parent),
-        {"CPU": cfg.search.trial_cpus},
+        tune.with_parameters(run_trial, base=cfg, study_uri=store.uri, parent_run_id=parent),
+        {"CPU": cfg.search.trial_cpus, **cfg.search.trial_resources_dict()},
     )
-    tuner = _tuner(cfg, study_dir, trainable, resume)
+    tuner, optuna_db = _tuner(cfg, store, trainable, store.results())
+    errors: list[dict[str, Any]] = []
     try:
-        grid = tuner.fit()
+        if tuner is not None:
+            errors = _errors(tuner.fit())
     except BaseException:
         if logger:
             logger.finish("FAILED")
         raise
-    rows, failed = _collect(grid)
-    fits = write_report(cfg, study_dir, rows, failed, logger)
+    finally:
+        if optuna_db is not None and optuna_db.exists():
+            storage.upload(optuna_db, store.path("optuna.db"))
+        if requested:
+            from vitok.platform.cluster import release_request
+
+            release_request()
+    rows, failed = _collect(store, errors)
+    fits = write_report(cfg, store, rows, failed, logger)
     if logger:
         logger.log_metrics({f"r2/{k}": v for k, v in fits.items()})
         logger.finish("FINISHED" if rows else "FAILED")
-    return StudyResult(study_dir, rows, failed, fits, parent)
+    return StudyResult(store, rows, failed, fits, parent)
 
 
-def _collect(grid: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    rows, failed = [], []
+def check_resumable(store: StudyStore, cfg: ExperimentConfig, *, force: bool) -> None:
+    """A resumed study keeps its config: refuse a different one (listing the keys) unless
+    ``force``."""
+    from vitok.platform.config import flatten_dict, from_yaml, to_dict
+
+    stored = from_yaml(ExperimentConfig, storage.read_text(store.path("config.yaml")))
+    before, after = flatten_dict(to_dict(stored)), flatten_dict(to_dict(cfg))
+    ignore = {"name", "storage.root", "tracking.uri"}  # where it runs, not what it computes
+    differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    differ = [k for k in differ if k not in ignore]
+    if not differ:
+        return
+    shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in differ[:12])
+    if not force:
+        raise SystemExit(
+            f"error: --resume of {store.name} with a config that differs from the stored one "
+            f"({shown}); resume with the same settings, or add --force to go on with the new"
+        )
+    print(f"[vitok] --force: resuming {store.name} with changed settings: {shown}")
+    storage.write_text(store.path("config.yaml"), dump_config(cfg))
+
+
+def _errors(grid: Any) -> list[dict[str, Any]]:
+    out = []
     for result in grid:
-        metrics = dict(result.metrics or {})
-        config = metrics.get("config") or {}
-        if result.error is not None or "trial" not in metrics:
-            overrides = config.get("overrides") or [f"{k}={v}" for k, v in config.items()]
-            failed.append(
-                {
-                    "trial": trial_name(tuple(overrides)) if overrides else "?",
-                    "error": str(result.error).splitlines()[0][:300]
-                    if result.error
-                    else "stopped early (ASHA) or no final report",
-                }
-            )
-            continue
-        row = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
-        rows.append(row)
+        if result.error is not None:
+            config = result.config or {}
+            name = trial_name(trial_overrides(config)) if config else "?"
+            out.append({"trial": name, "error": str(result.error).splitlines()[0][:300]})
+    return out
+
+
+def _collect(
+    store: StudyStore, errors: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of every committed trial (this run's and earlier runs'), and the others."""
+    rows, failed = [], []
+    for name, result in sorted(store.results().items()):
+        if result.get("status") == FINISHED:
+            rows.append(_scalars(result))
+        else:
+            failed.append({"trial": name, "error": "stopped early (ASHA)"})
+    failed += [e for e in errors if e["trial"] not in {r["trial"] for r in rows}]
     rows.sort(key=lambda r: (r.get("E", 0), str(r.get("trial"))))
     return rows, failed
 
@@ -336,7 +519,6 @@ PLOT_METRICS = [
     ("val/fid", "rFID"),
     ("val/fvd", "rFVD"),
     ("gen/diffusion_loss", "val diffusion loss"),
-    ("gen/frechet_tokenizer_latent", "Frechet (tokenizer-latent space)"),
     ("gen/gfid", "gFID"),
     ("gen/gfvd", "gFVD"),
 ]
@@ -376,16 +558,30 @@ def _sweep_rows(rows: list[dict[str, Any]], vary: str, fixed: tuple[str, ...]) -
 
 def write_report(
     cfg: ExperimentConfig,
-    study_dir: Path,
+    store: StudyStore,
     rows: list[dict[str, Any]],
     failed: list[dict[str, Any]],
     logger: RunLogger | None,
 ) -> dict[str, float]:
-    """Plots, tables and the paper comparison into ``study_dir/report`` and the parent run."""
+    """Plots, tables and the paper comparison into the study's ``report/`` and the parent
+    run (built in local scratch, then copied under the storage root)."""
+    with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as tmp:
+        out = Path(tmp)
+        fits = _write_report_files(cfg, store.name, out, rows, failed, logger)
+        storage.upload(out, store.path("report"))
+    return fits
+
+
+def _write_report_files(
+    cfg: ExperimentConfig,
+    study_name: str,
+    out: Path,
+    rows: list[dict[str, Any]],
+    failed: list[dict[str, Any]],
+    logger: RunLogger | None,
+) -> dict[str, float]:
     import matplotlib.pyplot as plt
 
-    out = study_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     fits: dict[str, float] = {}
     present = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
     write_csv(rows, present, out / "trials.csv")
@@ -412,7 +608,7 @@ def write_report(
             "decoder",
         ),
     ]
-    lines = [f"# Scaling study `{study_dir.name}`", ""]
+    lines = [f"# Scaling study `{study_name}`", ""]
     for file_name, subset, x_key, label, log2, tag in plots:
         if len(subset) < 2:
             continue
@@ -422,7 +618,7 @@ def write_report(
             PLOT_METRICS,
             x_label=label,
             log2_x=log2,
-            title=f"{study_dir.name}: metrics against {label} ({len(subset)} trials)",
+            title=f"{study_name}: metrics against {label} ({len(subset)} trials)",
         )
         fig.savefig(out / file_name, dpi=120)
         if logger:
@@ -470,6 +666,9 @@ def write_report(
     if logger:
         logger.log_artifact(out / "trials.csv", "report")
         logger.log_text(text, "report/report.md")
+        # The parent run's description (a tag: MLflow keeps at most 8000 characters).
+        note = text if len(text) < 7500 else text[:7500] + "\n\n(cut: see report/report.md)"
+        logger.set_tags({"mlflow.note.content": note})
     return fits
 
 
@@ -504,7 +703,7 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
     columns = [c for c in columns if any(c in r for r in result.rows)]
     print()
     print(
-        f"[vitok] study {result.study_dir.name}: {len(result.rows)} trials finished, "
+        f"[vitok] study {result.store.name}: {len(result.rows)} trials finished, "
         f"{len(result.failed)} failed or stopped, {minutes:.1f} min"
     )
     if result.rows:
@@ -513,7 +712,7 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
         print(f"  failed: {trial['trial']}: {trial['error']}")
     for key, r2 in sorted(result.fits.items()):
         print(f"  R^2 {key}: {r2:.3f}")
-    print(f"  report:      {result.study_dir / 'report' / 'report.md'}")
+    print(f"  report:      {result.store.path('report', 'report.md')}")
     uri = resolve_uri(cfg.tracking.uri)
     print(
         f"  mlflow:      mlflow ui --backend-store-uri {uri}   (parent run {result.parent_run_id})"
@@ -524,7 +723,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_arguments(parser, sorted(PRESETS))
     parser.add_argument("--data", default=None, help="a folder of videos or images")
-    parser.add_argument("--resume", action="store_true", help="continue a stopped study")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest study of this name under the storage root",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with --resume: accept a changed config"
+    )
     args = parser.parse_args(argv)
     if args.preset is None and args.config is None:
         args.preset = "demo"
@@ -538,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg))
         return 0
     t0 = time.perf_counter()
-    result = run_study(cfg, resume=args.resume, preset_name=args.preset or "")
+    result = run_study(cfg, resume=args.resume, force=args.force, preset_name=args.preset or "")
     print_summary(cfg, result, (time.perf_counter() - t0) / 60)
     return 0 if result.rows else 1
 

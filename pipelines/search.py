@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Literal
 
-from vitok.platform.config import check_choice, check_positive
+from vitok.platform.config import check_choice, check_positive, parse_resources
 
 ALIASES: dict[str, str] = {
     "p": "tokenizer.patch",
@@ -39,6 +39,10 @@ class SearchConfig:
     asha_grace_period: int = 1
     max_concurrent: int = 1
     trial_cpus: float = 0.01  # the trial's own driver; its Train workers ask for theirs
+    # Retries of a trial whose driver died (a node lost): it resumes from its checkpoints.
+    max_failures: int = 2
+    # Extra Ray resources for the trial's driver, "name=amount" (pins trials to a node type).
+    trial_resources: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,12 +51,17 @@ class SearchConfig:
         check_positive("search.max_concurrent", self.max_concurrent)
         check_positive("search.trial_cpus", self.trial_cpus)
         check_positive("search.asha_grace_period", self.asha_grace_period)
+        check_positive("search.max_failures", self.max_failures, allow_zero=True)
         for sweep in self.sweeps:
             parse_sweep(sweep)
         if not self.objectives:
             raise ValueError("search.objectives=() needs at least one 'metric:max|min'")
         for objective in self.objectives:
             parse_objective(objective)
+        self.trial_resources_dict()
+
+    def trial_resources_dict(self) -> dict[str, float]:
+        return parse_resources("search.trial_resources", self.trial_resources)
 
     def trials(self) -> list[tuple[str, ...]]:
         """Grid trials: each a tuple of overrides ("tokenizer.channels=8", ...), deduplicated."""
@@ -98,11 +107,12 @@ def parse_objective(objective: str) -> tuple[str, str]:
 
 
 def trial_name(overrides: tuple[str, ...]) -> str:
-    """A short, stable, filesystem-safe name from a trial's overrides."""
+    """A short, stable, filesystem-safe name from a trial's overrides, unique over them: an
+    aliased axis is its alias (``c8``), any other field its full path (``train.steps200``)."""
     short = {v: k for k, v in ALIASES.items()}
     parts = []
     for item in sorted(overrides):
         key, _, value = item.partition("=")
-        parts.append(f"{short.get(key, key.split('.')[-1])}{value}")
+        parts.append(f"{short.get(key, key)}{value}")
     name = "-".join(parts) or "base"
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

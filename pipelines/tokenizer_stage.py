@@ -15,11 +15,20 @@ import numpy as np
 import torch
 
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
+from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_dataset, to_model_input
 from vitok.platform.metrics import MetricsConfig, ReconstructionMetrics
 from vitok.platform.tracking import RunLogger, start_run
-from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_training
+from vitok.platform.train import (
+    CheckpointWeights,
+    TrainConfig,
+    TrainJob,
+    TrainResult,
+    load_model_state,
+    load_task_state,
+    run_training,
+)
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.flops import forward_flops, param_counts
 from vitok.tokenizer.losses import LossConfig, build_lpips
@@ -93,18 +102,17 @@ def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- loading
 def load_tokenizer(checkpoint_dir: str | Path, model: TokenizerConfig) -> ViTok:
-    """The tokenizer from a training checkpoint (stage 2: with the decoder's EMA)."""
-    ckpt = Path(checkpoint_dir)
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    """The tokenizer from a training checkpoint (a folder or URI; stage 2: with the decoder's
+    EMA)."""
+    state = load_model_state(checkpoint_dir)
     tokenizer = ViTok(model)
     if any(k.startswith("tokenizer.") for k in state):
         state = {
             k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")
         }
     tokenizer.load_state_dict(state)
-    extra_path = ckpt / "task_state.pt"
-    if extra_path.exists():
-        extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+    extra = load_task_state(checkpoint_dir)
+    if extra:
         shadow = extra.get("ema", {}).get("shadow")
         if shadow and extra["ema"].get("num_updates", 0) > 0:
             own = dict(tokenizer.named_parameters())
@@ -216,21 +224,26 @@ def run_tokenizer(
     cfg: ExperimentConfig,
     prepared: PreparedData,
     *,
+    run_dir: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
     fail_once_at_step: int | None = None,
     log_model: bool = True,
     callbacks: list[Any] | None = None,
 ) -> TokenizerRun:
-    """Train one tokenizer (stage 1, then stage 2 if configured), logging one MLflow run."""
+    """Train one tokenizer (stage 1, then stage 2 if configured), logging one MLflow run.
+
+    ``run_dir`` (default ``<storage root>/runs/<name>``) keeps the MLflow run id and the Ray
+    Train storage, so rerunning the same call resumes into the same run from any node.
+    """
     name = run_name or cfg.name
-    out_dir = cfg.results_path / name
+    out_dir = run_dir or cfg.run_dir(name)
     params = tokenizer_params(cfg.tokenizer)
     params["data_hash"] = prepared.config_hash
     run_id = start_run(
         cfg.tracking,
         name,
-        resume_file=out_dir / "mlflow_run_id",
+        resume_file=storage.join(out_dir, "mlflow_run_id"),
         parent_run_id=parent_run_id,
         tags={"vitok.kind": "tokenizer", "vitok.variant": cfg.tokenizer.variant},
     )
@@ -250,7 +263,7 @@ def run_tokenizer(
     crop = cfg.data.crop
     datasets = _datasets(prepared)
 
-    def job(stage: int, train: TrainConfig, init: str | None) -> TrainJob:
+    def job(stage: int, train: TrainConfig, init: CheckpointWeights | None) -> TrainJob:
         task = TokenizerTask(cfg.tokenizer, cfg.loss, stage, init)
         return TrainJob(
             name=f"{name}-stage{stage}",
@@ -268,15 +281,17 @@ def run_tokenizer(
 
     try:
         stage1 = run_training(
-            job(1, cfg.train, None), datasets, storage_path=out_dir / "ray", callbacks=callbacks
+            job(1, cfg.train, None),
+            datasets,
+            storage_path=storage.join(out_dir, "ray"),
+            callbacks=callbacks,
         )
         final, stage2 = stage1, None
         if cfg.stage2 is not None:
-            init = str(Path(stage1.checkpoint_dir) / "model.pt")
             stage2 = run_training(
-                job(2, cfg.stage2, init),
+                job(2, cfg.stage2, CheckpointWeights(stage1.checkpoint_dir)),
                 datasets,
-                storage_path=out_dir / "ray",
+                storage_path=storage.join(out_dir, "ray"),
                 callbacks=callbacks,
             )
             final = stage2

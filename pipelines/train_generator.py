@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     ensure_ray()
-    prepared = prepare(cfg.data)
+    prepared = prepare(cfg.data, cfg.storage.uri)
     run = run_generator(
         cfg,
         prepared,

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     ensure_ray()
-    prepared = prepare(cfg.data)
+    prepared = prepare(cfg.data, cfg.storage.uri)
     run = run_tokenizer(cfg, prepared, log_model=not args.no_model)
     minutes = (time.perf_counter() - t0) / 60
     title = (

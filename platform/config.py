@@ -42,6 +42,24 @@ def check_range(field: str, value: float, low: float, high: float) -> None:
 
 
 # ----------------------------------------------------------------------------- conversion
+def parse_resources(field: str, entries: Iterable[str]) -> dict[str, float]:
+    """``("accelerator_type:H100=0.001", ...)`` -> ``{"accelerator_type:H100": 0.001}``:
+    extra Ray resources, each ``name=amount`` with a positive amount."""
+    out: dict[str, float] = {}
+    for entry in entries:
+        name, sep, amount = str(entry).rpartition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise ValueError(
+                f"{field} entry {entry!r} must look like 'resource_name=amount' with amount > 0"
+            )
+        out[name] = value
+    return out
+
+
 def _is_config(tp: object) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 

@@ -2,9 +2,9 @@
 
 ``prepare(cfg)`` lists the sources, splits them by source file, decodes every file into
 fixed-shape uint8 clips ``(T, H, W, 3)`` in Ray Data tasks (``vitok.platform.media``), and
-writes Parquet shards plus a manifest, a label map and a rejects table into
-``<output_root>/<hash>/``, where the hash covers the source listing and the preprocessing
-config: a rerun with the same inputs reuses the folder without touching it.
+writes Parquet shards plus a rejects table under ``<storage root>/data/<hash>/``, where the
+hash covers the source listing and the preprocessing config, committed by a manifest written
+last: a rerun with the same inputs reuses them without touching them.
 
 ``clip_dataset(prepared, split)`` reads the shards back as a Ray Dataset for
 ``ray.train.get_dataset_shard``; ``to_model_input`` turns a uint8 batch into the model's
@@ -14,21 +14,20 @@ float input in [-1, 1] with random crop and flip (training) or a centre crop (ev
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
-import json
+import io
 import os
-import shutil
 import time
-import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vitok.platform import storage
 from vitok.platform.config import check_positive, check_range, to_dict
 from vitok.platform.media import ClipSpec, Rejected, decode_file
 from vitok.platform.sources import (
@@ -41,6 +40,8 @@ from vitok.platform.sources import (
 PIPELINE_VERSION = 1  # bump when the stored clips change for the same config: part of the key
 TENSOR_COLUMNS = ("clip", "label")
 SHARD_BYTES = 64 * 2**20  # target Parquet file size
+MANIFEST = "manifest.json"  # written last: a folder without one holds nothing committed
+ATTEMPTS = "attempts"
 
 
 # ----------------------------------------------------------------------------- config
@@ -72,7 +73,6 @@ class DataConfig:
     max_upscale: float = 2.0  # sources needing a larger upscale are rejected as too small
     val_fraction: float = 0.1  # of source files (never of clips: no leakage)
     split_seed: int = 0
-    output_root: str = "./data_cache"
     synthetic_classes: int = 6
     synthetic_videos: int = 48
     synthetic_fps: float = 24.0  # the rendered files' own frame rate
@@ -108,8 +108,6 @@ class DataConfig:
             check_positive("clip_stride_s", self.clip_stride_s)
         check_range("max_upscale", self.max_upscale, 1.0, 16.0)
         check_range("val_fraction", self.val_fraction, 0.0, 0.9)
-        if not self.output_root:
-            raise ValueError("output_root='' must name a folder")
         from vitok.platform.synthetic import CLASSES
 
         check_range("synthetic_classes", self.synthetic_classes, 1, len(CLASSES))
@@ -131,9 +129,10 @@ class DataConfig:
 def _decode_batch(
     batch: dict[str, np.ndarray], *, spec: ClipSpec, reject_dir: str
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF: one row per source file in, one row per clip out; rejects go to files.
+    """Ray Data UDF: one row per source file in, one row per clip out; rejects go to storage.
 
-    A rejected file writes ``reject_dir/<crc>.json`` (idempotent under task retries).
+    A rejected file writes ``reject_dir/<crc>.json`` (idempotent under task retries). A source
+    under a remote storage root is read through a temporary local copy.
     """
     out: dict[str, list[Any]] = {k: [] for k in ("clip", "label", "path", "start_s", "fps")}
     out.update(clip_index=[], source_id=[], split=[])
@@ -141,7 +140,8 @@ def _decode_batch(
         batch["path"], batch["label"], batch["source_id"], batch["split"]
     ):
         try:
-            clips = decode_file(str(path), spec)
+            with storage.readable_file(str(path)) as local:
+                clips = decode_file(str(local), spec)
         except Rejected as err:
             _write_reject(reject_dir, str(path), str(err))
             continue
@@ -173,7 +173,7 @@ def _decode_batch(
 
 def _write_reject(reject_dir: str, path: str, reason: str) -> None:
     name = f"{zlib.crc32(path.encode()):08x}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-    Path(reject_dir, f"{name}.json").write_text(json.dumps({"path": path, "reason": reason}))
+    storage.write_json(storage.join(reject_dir, f"{name}.json"), {"path": path, "reason": reason})
 
 
 def ensure_ray() -> None:
@@ -197,22 +197,29 @@ def ensure_ray() -> None:
 # ----------------------------------------------------------------------------- prepare
 @dataclass(frozen=True)
 class PreparedData:
-    """The shards of one ``prepare`` call (a hash-keyed folder under ``output_root``)."""
+    """The committed shards of one ``prepare`` call: ``<root>/data/<hash>/manifest.json``.
 
-    root: Path  # <output_root>/<config_hash>
-    train_dir: Path
-    val_dir: Path
-    manifest: dict[str, Any]  # counts, config, hash (also root/manifest.json)
-    label_map: dict[str, int]  # class name -> label index (also root/labels.json)
-    rejects_path: Path  # CSV: path, reason
+    The manifest lists every shard file (relative to ``root``, with its size and rows);
+    readers use exactly those files, never a folder listing.
+    """
+
+    root: str  # <storage root>/data/<config_hash> (a local path or a URI)
+    manifest: dict[str, Any]  # counts, config, hash, files (also root/manifest.json)
+    label_map: dict[str, int]  # class name -> label index
+    rejects_path: str  # CSV: path, reason
     num_rejects: int
     num_train: int  # clips
     num_val: int  # clips
     config_hash: str
-    reused: bool  # True when the folder already existed and nothing was written
+    reused: bool  # True when a committed manifest was found and nothing was written
 
     def count(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val}[_check_split(split)]
+
+    def files(self, split: str) -> list[str]:
+        """The shard files of one split (absolute paths or URIs)."""
+        entries = self.manifest["files"][_check_split(split)]
+        return [storage.join(self.root, e["path"]) for e in entries]
 
 
 def _check_split(split: str) -> str:
@@ -221,54 +228,77 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _load(root: Path, key: str, reused: bool) -> PreparedData:
-    manifest = json.loads((root / "manifest.json").read_text())
-    labels = json.loads((root / "labels.json").read_text())
+def _committed(folder: str, key: str) -> PreparedData | None:
+    """The committed shards under ``folder``, or None; a manifest whose files are missing or
+    changed (a crashed writer, a damaged bucket) is reported and ignored, so they get rebuilt."""
+    manifest_uri = storage.join(folder, MANIFEST)
+    if not storage.is_file(manifest_uri):
+        return None
+    manifest = storage.read_json(manifest_uri)
+    attempt = storage.join(folder, ATTEMPTS, manifest["attempt"])
+    present = {
+        f"{ATTEMPTS}/{manifest['attempt']}/{rel}": size for rel, size in storage.list_files(attempt)
+    }
+    listed = [e for split in ("train", "val") for e in manifest["files"][split]]
+    bad = [e["path"] for e in listed if present.get(e["path"]) != e["bytes"]]
+    if bad:
+        print(
+            f"[vitok.data] cached shards at {folder} are incomplete or damaged "
+            f"({len(bad)} of {len(listed)} files missing or resized, e.g. {bad[0]}): rebuilding"
+        )
+        return None
     return PreparedData(
-        root=root,
-        train_dir=root / "train",
-        val_dir=root / "val",
+        root=folder,
         manifest=manifest,
-        label_map={k: int(v) for k, v in labels.items()},
-        rejects_path=root / "rejects.csv",
+        label_map={k: int(v) for k, v in manifest["labels"].items()},
+        rejects_path=storage.join(folder, manifest["rejects"]),
         num_rejects=int(manifest["counts"]["files_rejected"]),
         num_train=int(manifest["counts"]["clips_train"]),
         num_val=int(manifest["counts"]["clips_val"]),
         config_hash=key,
-        reused=reused,
+        reused=True,
     )
 
 
-def _parquet_rows(folder: Path) -> tuple[int, list[int]]:
+def _shard_entries(folder: str, prefix: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Manifest entries (path relative to the data folder, bytes, rows) of the Parquet files
+    under ``folder/prefix``, and their labels."""
+    entries, labels = [], []
+    for rel, size in storage.list_files(storage.join(folder, prefix), suffix=".parquet"):
+        table = read_parquet_columns(storage.join(folder, prefix, rel), ["label"])
+        entries.append({"path": f"{prefix}/{rel}", "bytes": size, "rows": table.num_rows})
+        labels.extend(table.column("label").to_pylist())
+    return entries, labels
+
+
+def read_parquet_columns(uri: str, columns: list[str]) -> Any:
+    """Some columns of one Parquet file (a pyarrow Table), on any storage."""
     import pyarrow.parquet as pq
 
-    total, labels = 0, []
-    for f in sorted(folder.rglob("*.parquet")):
-        total += pq.ParquetFile(f).metadata.num_rows
-        labels.extend(pq.read_table(f, columns=["label"]).column("label").to_pylist())
-    return total, labels
+    fs, path = storage.filesystem(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
-def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
-    """Decode the sources of ``cfg`` into Parquet clip shards, or reuse them.
+def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedData:
+    """Decode the sources of ``cfg`` into Parquet clip shards under the storage ``root``
+    (``<root>/data/<hash>``), or reuse the committed ones.
 
-    Returns the shard folders (``train/``, ``val/``), manifest, label map and rejects table.
+    The shards are written under a fresh ``attempts/<id>/`` and committed by writing the
+    manifest last; a crashed attempt leaves files no manifest lists, removed by the next
+    commit. Returns the manifest, label map and rejects table.
     """
     import ray
     import ray.data
 
     ensure_ray()
     t_start = time.perf_counter()
-    out_root = Path(cfg.output_root).expanduser().resolve()  # workers run elsewhere
-    out_root.mkdir(parents=True, exist_ok=True)
-    files, prints = list_sources(cfg, out_root)
-    preprocessing = {
-        k: v for k, v in to_dict(cfg).items() if k not in ("weights", "crop", "output_root")
-    }
+    data_root = storage.join(storage.resolve_root(root), "data")
+    files, prints = list_sources(cfg, data_root)
+    preprocessing = {k: v for k, v in to_dict(cfg).items() if k not in ("weights", "crop")}
     key = digest({"version": PIPELINE_VERSION, "config": preprocessing, "sources": prints})
-    final = out_root / key
-    if (final / "manifest.json").exists():
-        prepared = _load(final, key, reused=True)
+    folder = storage.join(data_root, key)
+    prepared = _committed(folder, key)
+    if prepared is not None:
         if progress:
             _summary(prepared, time.perf_counter() - t_start)
         return prepared
@@ -276,9 +306,10 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
     split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
     label_names = sorted({f.label for f in files})
     label_map = {name: i for i, name in enumerate(label_names)}
-    tmp = out_root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-    reject_dir = tmp / "rejects.d"
-    reject_dir.mkdir(parents=True)
+    attempt = storage.attempt_id()
+    prefix = f"{ATTEMPTS}/{attempt}"
+    work = storage.join(folder, prefix)
+    reject_dir = storage.join(work, "rejects.d")
     items = [
         {
             "path": f.path,
@@ -303,11 +334,11 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
             ds = ds.map_batches(
                 _decode_batch,
                 batch_size=1,
-                fn_kwargs={"spec": spec, "reject_dir": str(reject_dir)},
+                fn_kwargs={"spec": spec, "reject_dir": reject_dir},
                 num_cpus=1,
             )
             ds.write_parquet(
-                str(tmp / "shards"),
+                storage.join(work, "shards"),
                 partition_cols=["split"],
                 mode="overwrite",
                 min_rows_per_file=max(1, SHARD_BYTES // clip_bytes),
@@ -315,54 +346,64 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
     finally:
         ctx.enable_progress_bars = bars
 
-    for split in ("train", "val"):
-        produced = tmp / "shards" / f"split={split}"
-        if produced.exists():
-            produced.rename(tmp / split)
-        else:
-            (tmp / split).mkdir()
-    shutil.rmtree(tmp / "shards", ignore_errors=True)
     rejects = sorted(
-        (json.loads(p.read_text()) for p in reject_dir.glob("*.json")), key=lambda r: r["path"]
+        (
+            storage.read_json(storage.join(reject_dir, n))
+            for n in storage.listdir(reject_dir)
+            if n.endswith(".json")
+        ),
+        key=lambda r: r["path"],
     )
-    shutil.rmtree(reject_dir)
-    with open(tmp / "rejects.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "reason"])
-        writer.writeheader()
-        writer.writerows(rejects)
-    n_train, train_labels = _parquet_rows(tmp / "train")
-    n_val, val_labels = _parquet_rows(tmp / "val")
+    storage.delete(reject_dir)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["path", "reason"])
+    writer.writeheader()
+    writer.writerows(rejects)
+    storage.write_text(storage.join(work, "rejects.csv"), table.getvalue())
+    shards = {}
+    labels_seen: list[int] = []
+    for split in ("train", "val"):
+        shards[split], split_labels = _shard_entries(folder, f"{prefix}/shards/split={split}")
+        labels_seen += split_labels
     rejected = {r["path"] for r in rejects}
     manifest = {
         "hash": key,
         "pipeline_version": PIPELINE_VERSION,
+        "attempt": attempt,
         "config": to_dict(cfg),
         "sources": prints,
+        "labels": label_map,
+        "rejects": f"{prefix}/rejects.csv",
+        "files": shards,
         "counts": {
             "files_total": len(files),
             "files_ok": len(files) - len(rejected),
             "files_rejected": len(rejected),
             "files_train": sum(split_of[f.split_key] == "train" for f in files),
             "files_val": sum(split_of[f.split_key] == "val" for f in files),
-            "clips_train": n_train,
-            "clips_val": n_val,
-            "clips_per_label": {
-                name: train_labels.count(i) + val_labels.count(i) for name, i in label_map.items()
-            },
+            "clips_train": sum(e["rows"] for e in shards["train"]),
+            "clips_val": sum(e["rows"] for e in shards["val"]),
+            "clips_per_label": {name: labels_seen.count(i) for name, i in label_map.items()},
         },
         "clip_shape": [cfg.frames, *cfg.size, 3],
         "seconds": round(time.perf_counter() - t_start, 3),
     }
-    (tmp / "labels.json").write_text(json.dumps(label_map, indent=1))
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    try:
-        tmp.rename(final)
-    except OSError:  # another run finished the same key first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    prepared = _load(final, key, reused=False)
+    prepared = _committed(folder, key)
+    if prepared is None:  # nobody committed meanwhile: commit ours (the manifest goes last)
+        storage.write_json(storage.join(folder, MANIFEST), manifest)
+        prepared = dataclasses.replace(_committed(folder, key), reused=False)
+    _remove_stale_attempts(folder, keep=prepared.manifest["attempt"], before=attempt)
     if progress:
         _summary(prepared, time.perf_counter() - t_start)
     return prepared
+
+
+def _remove_stale_attempts(folder: str, *, keep: str, before: str) -> None:
+    """Delete attempts no manifest lists that started before ``before`` (crashed or lost a
+    race); later ones may belong to a writer still running."""
+    for name in storage.listdir(storage.join(folder, ATTEMPTS)):
+        if name != keep and name <= before:
+            storage.delete(storage.join(folder, ATTEMPTS, name))
 
 
 def _summary(p: PreparedData, seconds: float) -> None:
@@ -392,10 +433,9 @@ def clip_dataset(
     mix the training split by keeping a deterministic fraction of each source's clips.
     """
 
-    folder = prepared.root / _check_split(split)
     if prepared.count(split) == 0:
         raise ValueError(f"split={split!r} of {prepared.root} holds no clips")
-    ds = read_shards(folder)
+    ds = read_shards(prepared.files(split))
     cfg_weights = tuple(prepared.manifest["config"].get("weights") or ())
     weights = cfg_weights if weights is None else weights
     if split == "train" and weights:
@@ -410,7 +450,7 @@ def clip_dataset(
     return ds
 
 
-def read_shards(folder: str | Path, *, partitioning: Any = None) -> Any:
+def read_shards(paths: str | list[str], *, partitioning: Any = None) -> Any:
     """``ray.data.read_parquet`` of our shards, sized to share a small machine.
 
     Read tasks ask a quarter CPU. Ray Data's V2 reader adds a ListFiles step that always
@@ -425,7 +465,7 @@ def read_shards(folder: str | Path, *, partitioning: Any = None) -> Any:
     ctx.use_datasource_v2 = False
     try:
         return ray.data.read_parquet(
-            str(folder),
+            paths,
             partitioning=partitioning,
             ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
         )
@@ -435,14 +475,12 @@ def read_shards(folder: str | Path, *, partitioning: Any = None) -> Any:
 
 def _mix_fractions(prepared: PreparedData, weights: tuple[float, ...]) -> list[float]:
     """Per-source keep fractions so kept clip counts are proportional to ``weights``."""
-    import pyarrow.parquet as pq
-
     n_sources = len(prepared.manifest["config"]["sources"])
     if len(weights) != n_sources:
         raise ValueError(f"weights={weights!r} must have one entry per source ({n_sources})")
     counts = [0] * n_sources
-    for f in prepared.train_dir.rglob("*.parquet"):
-        for sid in pq.read_table(f, columns=["source_id"]).column("source_id").to_pylist():
+    for uri in prepared.files("train"):
+        for sid in read_parquet_columns(uri, ["source_id"]).column("source_id").to_pylist():
             counts[sid] += 1
     present = [i for i in range(n_sources) if counts[i] and weights[i] > 0]
     scale = min(counts[i] / weights[i] for i in present)

@@ -14,10 +14,9 @@ callable ``factory(device) -> encode`` where ``encode(clips)`` maps a uint8 batc
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitok.platform import storage
 from vitok.platform.data import LIGHT_TASK_CPUS, read_shards
 
-STATS_FILE = "latent_stats.json"
 MANIFEST_FILE = "latents.json"
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 EncoderFactory = Callable[[str], EncodeFn]
@@ -143,22 +142,20 @@ class LatentEncoder:
 
 @dataclass(frozen=True)
 class LatentSet:
-    """The latents written by one ``extract_latents`` call."""
+    """The latents committed by one ``extract_latents`` call (``root/latents.json`` lists
+    every file; readers use exactly those)."""
 
-    root: Path
-    splits: dict[str, Path]  # split -> Parquet folder
+    root: str  # a local folder or a URI under the storage root
+    splits: dict[str, list[str]]  # split -> its Parquet files
     counts: dict[str, int]  # split -> rows
     latent_shape: tuple[int, ...]  # one row's latent, channels last
     stats: LatentStats  # over the training split
     reused: bool
-
-    @property
-    def stats_path(self) -> Path:
-        return self.root / STATS_FILE
+    pooled_files: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> .npy
 
     def pooled(self, split: str) -> np.ndarray:
         """(N, c) float32: each latent's mean over its tokens (the split's rows, any order)."""
-        return np.load(self.root / f"pooled_{split}.npy")
+        return np.load(io.BytesIO(storage.read_bytes(self.pooled_files[split])))
 
     def dataset(self, split: str) -> Any:
         """One split as a ``ray.data.Dataset`` with ``latent`` and ``label`` columns."""
@@ -169,23 +166,32 @@ class LatentSet:
         return ds.select_columns(["latent", "label"])
 
 
-def load_latent_set(root: str | Path) -> LatentSet:
-    root = Path(root)
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
+def load_latent_set(root: str) -> LatentSet | None:
+    """The committed latents under ``root``, or None when nothing was committed there."""
+    manifest_uri = storage.join(root, MANIFEST_FILE)
+    if not storage.is_file(manifest_uri):
+        return None
+    manifest = storage.read_json(manifest_uri)
+    files = manifest["files"]
     return LatentSet(
         root=root,
-        splits={s: root / s for s in manifest["counts"]},
+        splits={s: [storage.join(root, p) for p in files[s]] for s in manifest["counts"]},
         counts={s: int(n) for s, n in manifest["counts"].items()},
         latent_shape=tuple(manifest["latent_shape"]),
-        stats=LatentStats.load(root / STATS_FILE),
+        stats=LatentStats(
+            tuple(manifest["stats"]["mean"]),
+            tuple(manifest["stats"]["std"]),
+            int(manifest["stats"]["count"]),
+        ),
         reused=True,
+        pooled_files={s: storage.join(root, p) for s, p in manifest["pooled"].items()},
     )
 
 
 def extract_latents(
     datasets: Mapping[str, Any],
     encoder_factory: EncoderFactory,
-    out_dir: str | Path,
+    out_dir: str,
     *,
     num_actors: int = 1,
     batch_size: int = 16,
@@ -195,103 +201,100 @@ def extract_latents(
     stats_split: str = "train",
     info: Mapping[str, Any] | None = None,
 ) -> LatentSet:
-    """Encode every split of ``datasets`` into ``out_dir/<split>/*.parquet``, or reuse them.
+    """Encode every split of ``datasets`` into Parquet under ``out_dir``, or reuse them.
 
     ``datasets``: split name -> Ray Dataset with ``column`` (uint8 clips) and ``label``.
-    The caller keys ``out_dir`` (for example by encoder checkpoint and data hash); a folder
-    holding a finished manifest is reused untouched. ``info`` is stored in the manifest.
-    Statistics are computed over ``stats_split`` and saved as ``latent_stats.json``.
+    The caller keys ``out_dir`` (a folder or URI under the storage root; for example by
+    encoder checkpoint and data hash). Files go under ``out_dir/attempts/<id>/`` and are
+    committed by ``latents.json`` written last (with the per-channel statistics over
+    ``stats_split`` and ``info``); a committed ``out_dir`` is reused untouched.
     """
     from ray.data import ActorPoolStrategy
 
-    out = Path(out_dir).expanduser().resolve()  # actors run in another directory
-    if (out / MANIFEST_FILE).exists():
-        return load_latent_set(out)
+    out = storage.resolve_root(str(out_dir))  # actors run in another directory
+    existing = load_latent_set(out)
+    if existing is not None:
+        return existing
     if stats_split not in datasets:
         raise ValueError(f"stats_split={stats_split!r} is not among {list(datasets)}")
     t0 = time.perf_counter()
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    prefix = f"attempts/{storage.attempt_id()}"
+    work = storage.join(out, prefix)
     device = "cuda" if num_gpus > 0 else "cpu"
-    try:
-        # One actor pool for every split: tag rows with their split, encode, partition by it.
-        tagged = [
-            ds.select_columns([column, "label"]).map_batches(
-                _tag_split,
-                fn_kwargs={"split": split},
-                batch_format="numpy",
-                num_cpus=LIGHT_TASK_CPUS,
-            )
-            for split, ds in datasets.items()
-        ]
-        union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
-        latents = union.map_batches(
-            LatentEncoder,
-            fn_constructor_kwargs={
-                "factory": encoder_factory,
-                "device": device,
-                "column": column,
-                "num_threads": max(1, int(num_cpus)),
-            },
-            compute=ActorPoolStrategy(size=num_actors),
-            batch_size=batch_size,
+    # One actor pool for every split: tag rows with their split, encode, partition by it.
+    tagged = [
+        ds.select_columns([column, "label"]).map_batches(
+            _tag_split,
+            fn_kwargs={"split": split},
             batch_format="numpy",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
+            num_cpus=LIGHT_TASK_CPUS,
         )
-        latents.write_parquet(
-            str(tmp / "shards"),
-            partition_cols=["split"],
-            mode="overwrite",
-            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
-        )
-        # One pass back over everything: counts, channel moments, token-pooled features.
-        counts = {split: 0 for split in datasets}
-        pooled: dict[str, list[np.ndarray]] = {split: [] for split in datasets}
-        moments = ChannelMoments()
-        latent_shape: tuple[int, ...] = ()
-        reader = _read(tmp / "shards", hive=True)
+        for split, ds in datasets.items()
+    ]
+    union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+    latents = union.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={
+            "factory": encoder_factory,
+            "device": device,
+            "column": column,
+            "num_threads": max(1, int(num_cpus)),
+        },
+        compute=ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+    latents.write_parquet(
+        storage.join(work, "shards"),
+        partition_cols=["split"],
+        mode="overwrite",
+        ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
+    )
+    files = {}
+    for split in datasets:
+        rels = storage.list_files(storage.join(work, "shards", f"split={split}"), ".parquet")
+        if not rels:
+            raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
+        files[split] = [f"{prefix}/shards/split={split}/{rel}" for rel, _ in rels]
+    # One pass back over everything: counts, channel moments, token-pooled features.
+    counts = {split: 0 for split in datasets}
+    pooled: dict[str, list[np.ndarray]] = {split: [] for split in datasets}
+    moments = ChannelMoments()
+    latent_shape: tuple[int, ...] = ()
+    for split in datasets:
+        reader = read_shards([storage.join(out, p) for p in files[split]])
         for batch in reader.iter_batches(batch_size=256, batch_format="numpy"):
             z = _stack(batch["latent"])  # (N, ..., c)
             latent_shape = tuple(z.shape[1:])
-            for split in datasets:
-                rows = z[np.asarray(batch["split"]).astype(str) == split]
-                counts[split] += rows.shape[0]
-                pooled[split].append(pool_tokens(rows))
-                if split == stats_split:
-                    moments.update(rows)
-        for split in datasets:
-            produced = tmp / "shards" / f"split={split}"
-            if not produced.exists():
-                raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
-            produced.rename(tmp / split)
-        shutil.rmtree(tmp / "shards", ignore_errors=True)
-
-        stats = moments.stats()
-        stats.save(tmp / STATS_FILE)
-        for split, parts in pooled.items():
-            np.save(tmp / f"pooled_{split}.npy", np.concatenate(parts).astype(np.float32))
-        manifest = {
-            "counts": counts,
-            "latent_shape": list(latent_shape),
-            "stats_split": stats_split,
-            "info": dict(info or {}),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
-        if out.exists():  # a stale, unfinished folder (no manifest): replace it
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result = load_latent_set(out)
+            counts[split] += z.shape[0]
+            pooled[split].append(pool_tokens(z))
+            if split == stats_split:
+                moments.update(z)
+    pooled_files = {}
+    for split, parts in pooled.items():
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate(parts).astype(np.float32))
+        pooled_files[split] = f"{prefix}/pooled_{split}.npy"
+        storage.write_bytes(storage.join(out, pooled_files[split]), buffer.getvalue())
+    manifest = {
+        "counts": counts,
+        "latent_shape": list(latent_shape),
+        "stats_split": stats_split,
+        "stats": asdict(moments.stats()),
+        "files": files,
+        "pooled": pooled_files,
+        "info": dict(info or {}),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    storage.write_json(storage.join(out, MANIFEST_FILE), manifest)  # the commit
     print(
         f"[vitok.latents] wrote {out}: "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + f" latents of {latent_shape}, {time.perf_counter() - t0:.1f} s"
     )
-    return dataclasses.replace(result, reused=False)
+    return dataclasses.replace(load_latent_set(out), reused=False)
 
 
 def pool_tokens(latents: np.ndarray) -> np.ndarray:
@@ -303,13 +306,6 @@ def pool_tokens(latents: np.ndarray) -> np.ndarray:
 def _tag_split(batch: dict[str, np.ndarray], *, split: str) -> dict[str, np.ndarray]:
     n = len(batch["label"])
     return {**batch, "split": np.array([split] * n, dtype=object)}
-
-
-def _read(folder: Path, hive: bool = False) -> Any:
-    """Parquet under ``folder``; ``hive`` adds ``key=value`` folder names as columns."""
-    from ray.data.datasource import Partitioning
-
-    return read_shards(folder, partitioning=Partitioning("hive") if hive else None)
 
 
 def _stack(column: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import Tensor
 
 from vitok.platform import fvd, inception
+from vitok.platform.config import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,13 @@ class MetricsConfig:
     feature_batch_size: int = 32
     gen_samples: int = 50_000
     gen_batch_size: int = 64
+    # Metrics a study must produce ("fid", "fvd"): their weight files are checked before any
+    # compute, instead of the metric being skipped at evaluation.
+    require: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for metric in self.require:
+            check_choice("metrics.require", metric, ("fid", "fvd"))
         for name in ("inception_weights", "i3d_weights"):
             value = getattr(self, name)
             if value is not None and not value.strip():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitok.platform.media import clip_frame_indices, is_image, is_video
+from vitok.platform.storage import join
 
 if TYPE_CHECKING:
     from vitok.platform.data import DataConfig
@@ -115,10 +116,11 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def list_sources(cfg: DataConfig, root: Path) -> tuple[list[SourceFile], list[dict[str, Any]]]:
+def list_sources(cfg: DataConfig, root: str) -> tuple[list[SourceFile], list[dict[str, Any]]]:
     """Every media file of every source, and a fingerprint of each source for the cache key.
 
-    Renders the synthetic source (Ray tasks, cached under ``root/synthetic-<hash>``) if asked.
+    Renders the synthetic source (Ray tasks, cached under ``root/synthetic-<hash>``, where
+    ``root`` is a folder or URI under the storage root) if asked.
     """
     files: list[SourceFile] = []
     prints: list[dict[str, Any]] = []
@@ -128,9 +130,9 @@ def list_sources(cfg: DataConfig, root: Path) -> tuple[list[SourceFile], list[di
             from vitok.platform.synthetic import make_synthetic
 
             key = _synthetic_key(cfg)
-            folder = root / f"synthetic-{digest(key)}"
+            folder = join(root, f"synthetic-{digest(key)}")
             n, h, w = key["shape"]
-            paths = make_synthetic(
+            rels = make_synthetic(
                 folder,
                 classes=cfg.synthetic_classes,
                 videos=cfg.synthetic_videos,
@@ -140,8 +142,12 @@ def list_sources(cfg: DataConfig, root: Path) -> tuple[list[SourceFile], list[di
                 fps=cfg.synthetic_fps,
                 seed=cfg.synthetic_seed,
             )
-            base = folder
             prints.append({"kind": "synthetic", **key})
+            for rel in rels:  # <class>/<file>.mp4: the folder is the label
+                label = rel.split("/")[0]
+                split_key = f"{sid}/{rel.rsplit('.', 1)[0]}"  # as _split_key: no extension
+                files.append(SourceFile(join(folder, rel), label, sid, split_key))
+            continue
         else:
             if kind == "samples":
                 base, kind = sample_video_dir(), "videos"

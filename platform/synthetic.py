@@ -9,12 +9,13 @@ noise behind it) keep reconstruction from being trivial. Files land in
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import ray
 
+from vitok.platform import storage
 from vitok.platform.media import encode_video
 
 SHAPES = ("square", "disc", "triangle")
@@ -101,20 +102,21 @@ def render_clip(class_index: int, n_frames: int, h: int, w: int, seed: int) -> n
 
 @ray.remote(num_cpus=1)
 def _render_files(jobs: list[tuple[int, int, str]], n_frames: int, h: int, w: int, fps: float):
-    """Render and encode ``[(class_index, seed, path), ...]``; returns the paths written."""
+    """Render and encode ``[(class_index, seed, uri), ...]`` on any node: each file is encoded
+    into local scratch, then written to its place under the storage root in one piece."""
     written = []
-    for class_index, seed, path in jobs:
+    for class_index, seed, uri in jobs:
         frames = render_clip(class_index, n_frames, h, w, seed)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_suffix(".part.mp4")
-        encode_video(tmp, frames, fps)
-        tmp.replace(path)
-        written.append(path)
+        with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as tmp:
+            local = Path(tmp) / "clip.mp4"
+            encode_video(local, frames, fps)
+            storage.write_bytes(uri, local.read_bytes())
+        written.append(uri)
     return written
 
 
 def make_synthetic(
-    root: Path,
+    root: str,
     *,
     classes: int,
     videos: int,
@@ -124,24 +126,24 @@ def make_synthetic(
     fps: float,
     seed: int,
 ) -> list[Path]:
-    """Render ``videos`` mp4 files (round-robin over ``classes``) into ``root`` with Ray tasks.
+    """Render ``videos`` mp4 files (round-robin over ``classes``) into ``root`` (a folder or URI
+    under the storage root) with Ray tasks; returns their paths relative to ``root``
+    (``<class>/syn_00000.mp4``).
 
-    ``root`` is keyed by the caller on these arguments; a finished ``root`` (``done.json``) is
-    reused without rendering.
+    ``root`` is keyed by the caller on these arguments; a finished ``root`` (``done.json``,
+    written last) is reused without rendering.
     """
     if not 1 <= classes <= len(CLASSES):
         raise ValueError(f"synthetic classes={classes} must lie in [1, {len(CLASSES)}]")
-    done = root / "done.json"
-    if done.exists():
-        return [root / p for p in json.loads(done.read_text())["files"]]
-    jobs = []
-    for i in range(videos):
-        c = i % classes
-        rel = f"{CLASS_NAMES[c]}/syn_{i:05d}.mp4"
-        jobs.append((c, seed * 1_000_003 + i, str(root / rel)))
+    done = storage.join(root, "done.json")
+    if storage.is_file(done):
+        return list(storage.read_json(done)["files"])
+    files = [f"{CLASS_NAMES[i % classes]}/syn_{i:05d}.mp4" for i in range(videos)]
+    jobs = [
+        (i % classes, seed * 1_000_003 + i, storage.join(root, rel)) for i, rel in enumerate(files)
+    ]
     chunks = [jobs[i::8] for i in range(min(8, len(jobs)))]
     refs = [_render_files.remote(chunk, n_frames, height, width, fps) for chunk in chunks]
     ray.get(refs, timeout=1800)
-    files = [str(Path(p).relative_to(root)) for _, _, p in jobs]
-    done.write_text(json.dumps({"files": files}))
-    return [root / p for p in files]
+    storage.write_json(done, {"files": files})
+    return files

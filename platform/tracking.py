@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitok.platform import storage
 from vitok.platform.config import flatten_dict
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,12 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        # A training experiment: MLflow 3 opens it on the runs table, not its GenAI views.
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -75,20 +81,22 @@ def start_run(
     cfg: TrackingConfig,
     run_name: str,
     *,
-    resume_file: Path | None = None,
+    resume_file: str | Path | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str | None:
     """Create a run, or reopen the one whose id ``resume_file`` holds (no duplicates).
 
-    Returns the run id, or None when tracking is disabled.
+    ``resume_file`` is a file under the storage root (a local path or a URI), so a rerun on
+    any node finds the run. Returns the run id, or None when tracking is disabled.
     """
     if not cfg.enabled:
         return None
     uri = resolve_uri(cfg.uri)
     client = _client(uri)
-    if resume_file is not None and resume_file.exists():
-        run_id = resume_file.read_text().strip()
+    resume_file = str(resume_file) if resume_file is not None else None
+    if resume_file is not None and storage.is_file(resume_file):
+        run_id = storage.read_text(resume_file).strip()
         try:
             client.get_run(run_id)
         except Exception:
@@ -103,8 +111,7 @@ def start_run(
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     if resume_file is not None:
-        resume_file.parent.mkdir(parents=True, exist_ok=True)
-        resume_file.write_text(run_id)
+        storage.write_text(resume_file, run_id)
     return run_id
 
 

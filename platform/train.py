@@ -48,13 +48,15 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from vitok.platform.config import check_choice, check_positive, check_range
+from vitok.platform import storage
+from vitok.platform.config import check_choice, check_positive, check_range, parse_resources
 from vitok.platform.tracking import RunLogger, TrackingConfig, resolve_uri
 from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "vitok_state.json"
 MODEL_FILE = "model.pt"
+TASK_STATE_FILE = "task_state.pt"
 
 
 # ----------------------------------------------------------------------------- config
@@ -82,6 +84,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Extra Ray resources per worker, "name=amount" (e.g. "accelerator_type:H100=0.001").
+    resources: tuple[str, ...] = ()
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 0
@@ -107,6 +111,7 @@ class TrainConfig:
             check_range(f"train.betas[{i}]", beta, 0.0, 0.99999)
         check_choice("train.precision", self.precision, ("fp32", "bf16"))
         check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        parse_resources("train.resources", self.resources)
         if self.max_failures < -1:
             raise ValueError(f"train.max_failures={self.max_failures} must be >= -1")
 
@@ -343,19 +348,41 @@ def _to_float(logs: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def load_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+def _checkpoint_file(checkpoint: str | Path, file_name: str) -> Path:
+    """A local copy of one file of a checkpoint (a local folder or a URI under storage)."""
+    uri = storage.join(str(checkpoint), file_name)
+    if not storage.is_file(uri):
+        raise FileNotFoundError(f"{uri} is missing: not a vitok training checkpoint")
+    return storage.local_copy(uri)
+
+
+def load_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The plain model weights saved beside the DeepSpeed state (safe load)."""
-    path = Path(checkpoint_dir) / MODEL_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: not a vitok training checkpoint")
+    path = _checkpoint_file(checkpoint, MODEL_FILE)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: not a vitok training checkpoint")
-    return json.loads(path.read_text())
+def load_task_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The task's extra state (e.g. EMA weights) of a checkpoint; {} when it has none."""
+    if not storage.is_file(storage.join(str(checkpoint), TASK_STATE_FILE)):
+        return {}
+    path = _checkpoint_file(checkpoint, TASK_STATE_FILE)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
+    return json.loads(_checkpoint_file(checkpoint, STATE_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """A picklable ``() -> state dict`` of a checkpoint's model weights: a task calls it on
+    whatever node it runs, and the file is fetched from storage there."""
+
+    checkpoint: str
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        return load_model_state(self.checkpoint)
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -400,11 +427,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine.load_checkpoint(ckpt_dir, tag=_part_file(parts, part, CHECKPOINT_TAG))
             saved = load_checkpoint_state(ckpt_dir)
             state.update(saved["loop"])
-            extra = Path(ckpt_dir) / "task_state.pt"
+            extra = Path(ckpt_dir) / TASK_STATE_FILE
             if extra.exists():
                 task.load_extra_state(torch.load(extra, map_location="cpu", weights_only=True))
         if rank == 0:
-            print(f"[vitok] {job.name}: resumed at step {state['step']} (epoch {state['epoch']})")
+            print(
+                f"[vitok] {job.name}: resumed at step {state['step']} (epoch {state['epoch']})",
+                flush=True,
+            )
 
     logger = None
     monitor = None
@@ -422,7 +452,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         weights = fp32_state()
         if rank == 0:
             torch.save(weights, tmp / MODEL_FILE)
-            torch.save(task.extra_state(), tmp / "task_state.pt")
+            torch.save(task.extra_state(), tmp / TASK_STATE_FILE)
             meta = {"loop": state, "name": job.name, "params": job.params, "metrics": metrics}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str))
             for part in parts:
@@ -605,9 +635,11 @@ def run_training(
 ) -> TrainResult:
     """Fit ``job`` with a TorchTrainer; rerunning with the same name and storage resumes.
 
-    ``datasets`` maps "train" (and optionally "val") to Ray Datasets; each worker reads its
-    shard. The MLflow run (``job.run_id``) is created by the caller and marked here.
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+    ``storage_path`` is a folder or URI under the storage root (every node must reach it:
+    checkpoints are persisted there). ``datasets`` maps "train" (and optionally "val") to
+    Ray Datasets; each worker reads its shard. The MLflow run (``job.run_id``) is created by
+    the caller and marked here. ``callbacks`` are Ray Train callbacks (a Tune trial passes
+    one that forwards reports to Tune).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -616,11 +648,10 @@ def run_training(
     if job.tracking is not None:  # workers run in another directory: ship an absolute URI
         tracking = dataclasses.replace(job.tracking, uri=resolve_uri(job.tracking.uri))
         job = dataclasses.replace(job, tracking=tracking)
-    storage = Path(storage_path).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
+    location = storage.resolve_root(str(storage_path))
     if "val" not in datasets and job.make_evaluator is not None:
         raise ValueError(f"{job.name}: an evaluator needs a 'val' dataset")
-    resources = {"CPU": cfg.cpus_per_worker}
+    resources = {"CPU": cfg.cpus_per_worker, **parse_resources("train.resources", cfg.resources)}
     if cfg.use_gpu:
         resources["GPU"] = 1
     env = {
@@ -638,7 +669,7 @@ def run_training(
         ),
         run_config=RunConfig(
             name=job.name,
-            storage_path=str(storage),
+            storage_path=location,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
@@ -655,19 +686,22 @@ def run_training(
         if logger:
             logger.finish("FAILED")
         raise
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = None
+    if result.checkpoint is not None:  # as a location under storage (a URI when remote)
+        ckpt = storage.join(location, job.name, storage.name(result.checkpoint.path))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     if logger and ckpt:
-        logger.set_tags({"checkpoint": ckpt, "ray_storage": str(storage / job.name)})
+        logger.set_tags({"checkpoint": ckpt, "ray_storage": storage.join(location, job.name)})
     return TrainResult(
         checkpoint_dir=ckpt,
         metrics=metrics,
-        storage_dir=str(storage / job.name),
+        storage_dir=storage.join(location, job.name),
         run_id=job.run_id,
     )
 
 
 __all__ = [
+    "CheckpointWeights",
     "Evaluator",
     "OptimizerPart",
     "Task",
@@ -678,6 +712,7 @@ __all__ = [
     "deepspeed_config",
     "load_checkpoint_state",
     "load_model_state",
+    "load_task_state",
     "lr_multiplier",
     "make_optimizer",
     "named_losses",

@@ -11,28 +11,24 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers_cluster import LocalHead, connect, copy_repo, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-RAY = str(Path(sys.executable).parent / "ray")
 # The study a cluster runs, submitted exactly as README "Run on a cluster" shows (the preset
 # changes). Switch to pipelines/scaling_study.py here once it exists.
 STUDY_ENTRYPOINT = "python pipelines/scaling_study.py --preset smoke"
 # The same submission on the CLI, as README shows it.
 README_SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . --"
-JOB_TIMEOUT_S = 300.0
 
 
 def load_cluster() -> dict:
@@ -117,49 +113,99 @@ def test_cluster_installs_project_and_serves_mlflow():
     remote = next(r for r, local in mounts.items() if local == ".")
     assert any(f"pip install --quiet -e {remote}" in c for c in config["setup_commands"])
     assert ".gitignore" in config["rsync_filter"]  # no .venv or mlflow.db goes up
-    head = "\n".join(config["head_start_ray_commands"])
-    assert "mlflow server" in head and "--serve-artifacts" in head
-    assert re.search(r"--backend-store-uri \$\{VITOK_MLFLOW_BACKEND_URI:-sqlite:////", head)
-    # Jobs inherit the tracking URI and auth mode from `ray start`; workers use the same auth.
+    # The settings are in cluster.yaml itself (rsync drops git-ignored files such as the old
+    # cluster.env), written on every node and sourced by every later command; the storage
+    # root is shared storage; MLflow's login is a synced file mount, read last.
+    setup = " ".join(config["setup_commands"])
+    settings = "/home/ray/vitok_settings.sh"
+    assert f"> {settings}" in setup
+    assert "cluster.env" not in yaml.safe_dump(config)
+    assert re.search(r"VITOK_STORAGE=s3://\S+/\S+", setup)
+    login = next(r for r, local in mounts.items() if local == "~/.vitok") + "/mlflow_auth"
+    assert f"set -a; . {login}; set +a" in setup
+    # MLflow: kept on a host volume of the head (the container runs with --rm), created by
+    # the ssh user before docker would create it root-owned.
+    store = "/home/ray/mlflow"
+    volumes = [o.split("=", 1)[1] for o in config["docker"]["head_run_options"] if "--volume=" in o]
+    host = next(v.split(":")[0] for v in volumes if v.split(":")[1] == store)
+    assert any(f"mkdir -p {host}" in c for c in config["initialization_commands"])
+    assert re.search(rf"VITOK_MLFLOW_BACKEND_URI=sqlite:///{store}/\S+\.db", setup)
+    assert re.search(rf"VITOK_MLFLOW_ARTIFACTS={store}/\S+", setup)
+    # ... restarted by a supervisor loop (nohup + its own session, pid file in the container),
+    # bound to the head's private address only, with the basic-auth app and its state on the
+    # host volume, and its extras installed on the head (auth always, db for a database).
+    server = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
+    assert re.search(r"nohup setsid bash -c 'echo \$\$ > /tmp/\S+\.pid; while true; do", server)
+    assert re.search(r"mlflow server .*; echo .*; sleep 5; done'", server)
+    assert "--app-name basic-auth" in server and "--serve-artifacts" in server
+    assert '--host "$VITOK_HEAD_IP"' in server and "0.0.0.0" not in server
+    assert "VITOK_HEAD_IP=$(python -c" in server and "get_node_ip_address()" in server
+    assert '--backend-store-uri "$VITOK_MLFLOW_BACKEND_URI"' in server
+    assert '--artifacts-destination "$VITOK_MLFLOW_ARTIFACTS"' in server
+    assert f"database_uri = sqlite:///{store}/basic_auth.db" in server
+    assert f"MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat {store}/flask_secret)" in server
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=$MLFLOW_TRACKING_PASSWORD" in server
+    head_setup = " ".join(config["head_setup_commands"])
+    assert "extras=auth;" in head_setup and "extras=auth,db;" in head_setup
+    assert "mlflow[$extras]==$(python -c 'import mlflow; print(mlflow.__version__)')" in head_setup
+    # Jobs inherit the settings (VITOK_STORAGE, the login), the tracking URI and the auth
+    # mode from `ray start`; workers get the same.
     start_head = config["head_start_ray_commands"][-1]
+    start_worker = config["worker_start_ray_commands"][-1]
     assert start_head.index("MLFLOW_TRACKING_URI=") < start_head.index("ray start")
-    for cmd in (start_head, config["worker_start_ray_commands"][-1]):
+    for cmd in (start_head, start_worker):
         assert "RAY_AUTH_MODE=token" in cmd
+        assert cmd.index(f". {settings}") < cmd.index("ray start")
     assert "/home/ray/.ray/auth_token" in mounts
+    # GPU nodes reach the storage root with an instance profile; no keys in any file.
+    for name, node_type in config["available_node_types"].items():
+        if node_type.get("resources", {}).get("GPU"):
+            assert node_type["node_config"]["IamInstanceProfile"]["Name"], name
+    assert "AWS_SECRET_ACCESS_KEY" not in (REPO / "cluster.yaml").read_text()
 
 
 def test_readme_documents_the_cluster_commands():
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Run on a cluster") :]
+    study = "pipelines/scaling_study.py --preset paper-video-ucf --data /data/UCF-101"
     for needle in (
         "ray up cluster.yaml",
         "8265",
         "5000",
         README_SUBMIT,
-        "pipelines/scaling_study.py --preset paper-video-ucf --data /data/UCF-101",
+        study,
+        f"{README_SUBMIT} python {study} --resume",
+        f"{README_SUBMIT} python {study} --set storage.root=s3://",
         "ray job logs",
         "ray down cluster.yaml",
+        # The storage root, what lives there, how nodes reach it, how MLflow persists.
+        "VITOK_STORAGE",
+        "s3://my-bucket/vitok",
+        "EFS",
+        "studies/<name>/",
+        "data/<hash>/",
+        "checkpoints",
+        "vitok-worker",
+        "~/.vitok/mlflow_auth",
+        "basic-auth",
+        "/home/ubuntu/vitok-mlflow",
+        "mlflow[db]",
     ):
         assert needle in section, needle
+    # Names the README uses are the ones cluster.yaml and the code use.
+    config = load_cluster()
+    assert "/home/ubuntu/vitok-mlflow:/home/ray/mlflow" in " ".join(
+        config["docker"]["head_run_options"]
+    )
+    assert config["file_mounts"]["/home/ray/.vitok"] == "~/.vitok"  # holds mlflow_auth
+    profiles = {
+        t["node_config"].get("IamInstanceProfile", {}).get("Name")
+        for t in config["available_node_types"].values()
+    }
+    assert "vitok-worker" in profiles
 
 
 # ----------------------------------------------------------------------------- shipped code
-def copy_repo(dest: Path) -> Path:
-    """The repo's tracked and untracked-but-not-ignored files (what a working_dir ships)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    return dest
-
-
 def run_python(code: str, cwd: Path, pythonpath: Path | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if pythonpath is not None:
@@ -213,66 +259,6 @@ def test_code_fingerprint_sees_edits(tmp_path: Path):
 
 
 # ----------------------------------------------------------------------------- real cluster
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalHead:
-    """A Ray head started with ``ray start --head --block``; ``stop`` ends only its processes."""
-
-    def __init__(self, temp_dir: Path, env: dict[str, str]) -> None:
-        self.temp_dir = temp_dir
-        self.dashboard_port = free_port()
-        self.log = (temp_dir / "ray_start.log").open("w")
-        ports = {
-            "--port": free_port(),
-            "--dashboard-port": self.dashboard_port,
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--ray-client-server-port": free_port(),
-        }
-        # 3 logical CPUs on 2 cores: a trial's driver holds a fraction of one, so with 2 a
-        # 1-CPU Ray Data read next to the 1-CPU Train worker never gets scheduled.
-        cmd = [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0"]
-        cmd += ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1"]
-        cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-        cmd += [f"{k}={v}" for k, v in ports.items()]
-        # Own session: the group id is this pid, so stop() signals exactly these processes.
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def stop(self) -> None:
-        import psutil
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # ray start's handler stops its children
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        # Anything of this head still alive (workers, job drivers): its temp dir is in argv.
-        mine = str(self.temp_dir)
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if any(mine in arg for arg in p.info["cmdline"] or []):
-                    p.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        self.log.close()
-
-
 @pytest.fixture
 def ray_head(tmp_path: Path) -> Iterator[tuple[LocalHead, dict[str, str]]]:
     # Short path: Ray's unix sockets live under --temp-dir (108-byte limit).
@@ -300,61 +286,6 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[LocalHead, dict[str, str]]]:
     finally:
         head.stop()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def connect(head: LocalHead, headers: dict[str, str], timeout: float = 90.0):
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if head.proc.poll() is not None:
-            raise RuntimeError(f"ray start exited: {(head.temp_dir / 'ray_start.log').read_text()}")
-        try:
-            return JobSubmissionClient(head.address, headers=headers)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
-def retry(call, what: str, timeout: float = 90.0):
-    """``call()``, retried while the head is still coming up (its job agent registers late,
-    and the dashboard may drop a connection meanwhile)."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except (RuntimeError, requests.exceptions.ConnectionError) as err:
-            transient = isinstance(err, requests.exceptions.ConnectionError) or (
-                "No available agent" in str(err)
-            )
-            if not transient or time.monotonic() > deadline:
-                raise AssertionError(f"{what}: {err}") from err
-            time.sleep(2.0)
-
-
-def run_job(client, entrypoint: str, working_dir: Path) -> str:
-    """Submit as ``ray job submit --working-dir <dir> -- <entrypoint>``; return its logs."""
-    from ray.job_submission import JobStatus
-
-    job_id = retry(
-        lambda: client.submit_job(
-            entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)}
-        ),
-        f"submit {entrypoint}",
-    )
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (status := retry(lambda: client.get_job_status(job_id), "status")).is_terminal():
-        if time.monotonic() > deadline:
-            logs = client.get_job_logs(job_id)
-            client.stop_job(job_id)
-            pytest.fail(f"{entrypoint} still {status} after {JOB_TIMEOUT_S}s\n{logs[-6000:]}")
-        time.sleep(2.0)
-    logs = retry(lambda: client.get_job_logs(job_id), "logs")
-    assert status == JobStatus.SUCCEEDED, f"{entrypoint}: {status}\n{logs[-6000:]}"
-    return logs
 
 
 @pytest.mark.slow

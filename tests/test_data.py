@@ -111,9 +111,8 @@ def test_listing_ignores_non_media(tmp_path: Path) -> None:
         sources=(f"videos:{tmp_path / 'videos'}",),
         frames=8,
         size=(32, 32),
-        output_root=str(tmp_path / "out"),
     )
-    files, prints = list_sources(cfg, tmp_path / "out")
+    files, prints = list_sources(cfg, str(tmp_path / "out"))
     assert sorted(Path(f.path) for f in files) == sorted(good + list(broken))
     assert {f.label for f in files} == {"alpha", "beta"}
     assert prints[0]["kind"] == "videos"

@@ -22,7 +22,7 @@ from vitok.platform.data import (
 
 
 def _shard_state(p: PreparedData) -> dict[str, int]:
-    return {str(f): f.stat().st_mtime_ns for f in sorted(p.root.rglob("*")) if f.is_file()}
+    return {str(f): f.stat().st_mtime_ns for f in sorted(Path(p.root).rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,8 @@ def mixed(ray_local, tmp_path_factory) -> tuple[DataConfig, PreparedData]:
         val_fraction=0.3,
         synthetic_classes=3,
         synthetic_videos=9,
-        output_root=str(root),
     )
-    return cfg, prepare(cfg, progress=False)
+    return cfg, prepare(cfg, str(root), progress=False)
 
 
 def test_prepare_writes_clips_with_labels(mixed) -> None:
@@ -51,7 +50,7 @@ def test_prepare_writes_clips_with_labels(mixed) -> None:
     names = {"bigbuckbunny", "bikes", "carphone_distorted", "carphone_pristine"}
     assert names < set(p.label_map) and len(p.label_map) == 4 + 3
     assert sorted(p.label_map.values()) == list(range(7))
-    assert json.loads((p.root / "labels.json").read_text()) == p.label_map
+    assert json.loads((Path(p.root) / "manifest.json").read_text())["labels"] == p.label_map
     assert p.manifest["counts"]["clips_train"] == p.num_train
     assert p.manifest["config"]["sources"] == ["samples", "synthetic"]
 
@@ -78,14 +77,15 @@ def test_split_has_no_leakage(mixed) -> None:
 
 def test_rerun_reuses_shards_and_new_config_writes_new_ones(mixed) -> None:
     cfg, p = mixed
+    root = str(Path(p.root).parents[1])  # <storage root>/data/<hash>
     before = _shard_state(p)
-    again = prepare(cfg, progress=False)
+    again = prepare(cfg, root, progress=False)
     assert again.reused and again.root == p.root and again.config_hash == p.config_hash
     assert _shard_state(again) == before  # nothing rewritten
     # training-only knobs (crop, weights) do not change the shards
-    same = prepare(DataConfig(**{**cfg.__dict__, "crop": None}), progress=False)
+    same = prepare(DataConfig(**{**cfg.__dict__, "crop": None}), root, progress=False)
     assert same.reused and same.root == p.root
-    other = prepare(DataConfig(**{**cfg.__dict__, "sources": ("samples",)}), progress=False)
+    other = prepare(DataConfig(**{**cfg.__dict__, "sources": ("samples",)}), root, progress=False)
     assert not other.reused and other.root != p.root
     assert other.num_train + other.num_val == 8
 
@@ -110,9 +110,8 @@ def test_broken_folder_yields_good_clips_and_rejects_table(ray_local, tmp_path: 
         size=(32, 32),
         clips_per_video=1,
         val_fraction=0.0,
-        output_root=str(tmp_path / "out"),
     )
-    p = prepare(cfg, progress=False)
+    p = prepare(cfg, str(tmp_path / "out"), progress=False)
     with open(p.rejects_path, newline="") as fh:
         rejects = {Path(r["path"]): r["reason"] for r in csv.DictReader(fh)}
     assert set(rejects) == set(broken)  # every broken file named, nothing else
@@ -141,9 +140,8 @@ def test_image_folder_and_source_mix(ray_local, tmp_path: Path) -> None:
         val_fraction=0.0,
         synthetic_classes=2,
         synthetic_videos=12,
-        output_root=str(tmp_path / "out"),
     )
-    p = prepare(cfg, progress=False)
+    p = prepare(cfg, str(tmp_path / "out"), progress=False)
     assert p.num_train == 6 + 12 and p.num_rejects == 1
     assert {"cat", "dog"} < set(p.label_map)
     row = clip_dataset(p, "train").take(1)[0]
@@ -162,7 +160,7 @@ def test_preprocess_cli_logs_counts_to_mlflow(ray_local, tmp_path: Path, mlflow_
     from vitok.pipelines.preprocess import main
 
     make_broken_folder(tmp_path / "videos")
-    argv = ["--source", f"videos:{tmp_path / 'videos'}", "--output", str(tmp_path / "out")]
+    argv = ["--source", f"videos:{tmp_path / 'videos'}", "--storage", str(tmp_path / "out")]
     argv += ["--set", "frames=8", "--set", "size=[32,32]", "--set", "val_fraction=0.0"]
     assert main([*argv, "--tracking-uri", mlflow_uri, "--no-progress"]) == 0
     client = MlflowClient(tracking_uri=mlflow_uri)
@@ -170,3 +168,48 @@ def test_preprocess_cli_logs_counts_to_mlflow(ray_local, tmp_path: Path, mlflow_
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.metrics["files_rejected"] == 7 and run.data.metrics["clips_train"] > 0
     assert "data/rejects.csv" in [a.path for a in client.list_artifacts(run.info.run_id, "data")]
+
+
+def test_crashed_attempts_are_ignored_and_damaged_shards_rebuilt(ray_local, tmp_path, capsys):
+    cfg = DataConfig(
+        sources=("synthetic",),
+        frames=4,
+        size=(16, 16),
+        clips_per_video=1,
+        val_fraction=0.0,
+        synthetic_classes=2,
+        synthetic_videos=4,
+    )
+    root = str(tmp_path / "store")
+    first = prepare(cfg, root, progress=False)
+    folder = Path(first.root)
+    # A writer that crashed before its commit: files under attempts/, no manifest.
+    (folder / "manifest.json").unlink()
+    crashed = folder / "attempts" / "20000101T000000.000000000-deadbeef"
+    crashed.mkdir()
+    (crashed / "part.parquet").write_bytes(b"PAR1 half a file")
+    again = prepare(cfg, root, progress=False)
+    assert not again.reused and again.num_train == first.num_train == 4
+    # The commit removed every attempt its manifest does not list.
+    assert [p.name for p in (folder / "attempts").iterdir()] == [again.manifest["attempt"]]
+
+    # A damaged shard (truncated in place) is detected, reported and rebuilt.
+    victim = Path(again.files("train")[0])
+    victim.write_bytes(victim.read_bytes()[:64])
+    capsys.readouterr()
+    fixed = prepare(cfg, root, progress=False)
+    assert "incomplete or damaged" in capsys.readouterr().out
+    assert not fixed.reused and fixed.manifest["attempt"] != again.manifest["attempt"]
+    assert clip_dataset(fixed, "train").count() == 4
+    assert prepare(cfg, root, progress=False).reused
+
+
+def test_preprocess_cli_applies_source_and_set_together(ray_local, tmp_path: Path) -> None:
+    from vitok.pipelines.preprocess import main
+
+    for i in range(3):
+        write_png(tmp_path / "img" / "cat" / f"{i}.png", (40, 50), seed=i)
+    # --set before --source, and a source that is only valid with the --set: one validation.
+    argv = ["--set", "frames=1", "--source", f"images:{tmp_path / 'img'}"]
+    argv += ["--set", "size=[16,16]", "--storage", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0

@@ -188,22 +188,22 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     from vitok.pipelines.presets import preset
     from vitok.pipelines.tokenizer_stage import run_tokenizer
     from vitok.platform.data import prepare
+    from vitok.platform.storage import StorageConfig
     from vitok.platform.tracking import TrackingConfig
     from vitok.platform.train import TrainConfig
 
     base = preset("smoke")
     cfg = dataclasses.replace(
         base,
-        data=dataclasses.replace(base.data, output_root=str(tmp_path / "data")),
         train=dataclasses.replace(base.train, steps=10, checkpoint_every=0, log_every=5),
         generator=dataclasses.replace(base.generator, sampling_steps=5),
         generator_train=TrainConfig(
             steps=40, batch_size=8, lr=2e-3, warmup_steps=2, checkpoint_every=0, log_every=10
         ),
         tracking=TrackingConfig(uri=mlflow_uri, experiment="gen-test", system_metrics=False),
-        results_dir=str(tmp_path / "results"),
+        storage=StorageConfig(root=str(tmp_path / "store")),
     )
-    prepared = prepare(cfg.data, progress=False)
+    prepared = prepare(cfg.data, cfg.storage.uri, progress=False)
     tok = run_tokenizer(cfg, prepared, log_model=False)
     run = run_generator(cfg, prepared, tok.checkpoint_dir, tokenizer_run_id=tok.run_id)
 

@@ -111,7 +111,9 @@ def _stage2_curve(tmp_path) -> dict[str, list[float]]:
     torch.manual_seed(3)
     init = tmp_path / "stage1.pt"
     torch.save(ViTok(TOKENIZER).state_dict(), init)
-    task = TokenizerTask(TOKENIZER, STAGE2_LOSS, stage=2, init_weights=str(init))
+    task = TokenizerTask(
+        TOKENIZER, STAGE2_LOSS, stage=2, init_weights=lambda: torch.load(init, weights_only=True)
+    )
     batches = _clip_batches(_clips(), STAGE2.steps, STAGE2.batch_size, seed=2)
     model, history = train_locally(task, batches, STAGE2, batch_fn=ClipBatch((16, 16)))
     # The evaluated decoder is the EMA's (with warm-up): its reconstruction error shows it.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from vitok.pipelines.presets import preset
 from vitok.pipelines.search import SearchConfig, trial_name
 from vitok.platform.config import apply_overrides
 from vitok.platform.report import fit_line, scaling_figure
+from vitok.platform.storage import StorageConfig
 from vitok.platform.tracking import TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,11 +85,16 @@ def _study_cfg(tmp_path: Path, mlflow_uri: str, **search):
     cfg = preset("smoke-study")
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, output_root=str(tmp_path / "data")),
         tracking=TrackingConfig(uri=mlflow_uri, experiment="study-test", system_metrics=False),
-        results_dir=str(tmp_path / "results"),
+        storage=StorageConfig(root=str(tmp_path / "store")),
         search=dataclasses.replace(cfg.search, **search),
     )
+
+
+def test_trial_names_are_unique_over_the_whole_override():
+    a = trial_name(("train.steps=20", "tokenizer.channels=4"))
+    b = trial_name(("generator_train.steps=20", "tokenizer.channels=4"))
+    assert a != b and a == "c4-train.steps20"
 
 
 @pytest.mark.slow
@@ -110,14 +115,21 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
         assert row["gen/samples"] == cfg.metrics.gen_samples
         assert "gen/frechet_tokenizer_latent" in row
     assert result.rows[0]["E"] * 4 == result.rows[1]["E"]
-    report = result.study_dir / "report"
+    report = Path(result.store.path("report"))
     assert (report / "scaling_E.png").stat().st_size > 1000
     text = (report / "report.md").read_text()
     assert "c8" in text
     header = next(line for line in text.splitlines() if line.startswith("| trial"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns.index("gen/samples") + 1 == columns.index("gen/frechet_tokenizer_latent")
+    # Everything under the storage root: committed results, checkpoints, shards, latents.
+    assert set(result.store.results()) == {"c2", "c8"}
+    for row in result.store.results().values():
+        assert row["tokenizer_checkpoint"].startswith(str(tmp_path / "store" / "studies"))
+        assert Path(row["tokenizer_checkpoint"], "model.pt").is_file()
+    assert list((tmp_path / "store" / "data").glob("*/manifest.json"))
     exp = client.get_experiment_by_name("study-test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
     )
@@ -125,6 +137,7 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
     assert kinds == ["generator", "generator", "tokenizer", "tokenizer"]
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert "report/scaling_E.png" in parent_artifacts
+    assert "R^2" in client.get_run(result.parent_run_id).data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
@@ -137,26 +150,70 @@ def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri):
     cfg = dataclasses.replace(cfg, generator_train=None)
     result = run_study(cfg, preset_name="smoke-study")
     assert len(result.rows) == 2 and not result.failed
-    assert (result.study_dir / "optuna.db").exists()
+    db = Path(result.store.path("optuna.db"))
+    assert db.exists()
     import optuna
 
-    study = optuna.load_study(
-        study_name=cfg.name, storage=f"sqlite:///{result.study_dir / 'optuna.db'}"
-    )
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{db}")
     assert len(study.directions) == 2
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
 
 
-def _events(study_dir: Path) -> list[dict]:
-    path = study_dir / "trial_starts.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @pytest.mark.slow
-def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, mlflow_uri):
-    args = [
+def test_smoke_study_optuna_single_objective_with_asha_resumes(ray_local, tmp_path, mlflow_uri):
+    """The default objective (psnr:max) with ASHA: every result Tune sees carries val/psnr
+    (evaluations during training reach Tune, training-only reports do not); a resumed study
+    tells the sampler the finished trials and runs only the remaining samples."""
+    import optuna
+
+    from vitok.pipelines.scaling_study import run_study
+
+    cfg = _study_cfg(tmp_path, mlflow_uri, mode="optuna", num_samples=2, sweeps=("c=2,4,8",))
+    cfg = dataclasses.replace(
+        cfg, generator_train=None, train=dataclasses.replace(cfg.train, eval_every=4)
+    )
+    assert cfg.search.asha and cfg.search.objectives == ("psnr:max",)
+    first = run_study(cfg, preset_name="smoke-study")
+    assert len(first.rows) + len(first.failed) == 2, first.failed
+    assert first.rows and all("val/psnr" in r for r in first.rows)
+    more = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, num_samples=3))
+    second = run_study(more, resume=True, force=True, preset_name="smoke-study")
+    assert second.store.uri == first.store.uri
+    # One more sample. TPE may propose a point already done (3 categories here): that trial
+    # then finds its committed result and returns without running again.
+    assert len(second.store.results()) in (2, 3)
+    starts = [e["trial"] for e in second.store.events() if e["event"] == "started"]
+    assert len(starts) == len(set(starts)) == len(second.store.results())
+    db = Path(second.store.path("optuna.db"))
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3  # the two told, the one run
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
+    from vitok.pipelines.experiment import dump_config
+    from vitok.pipelines.scaling_study import check_resumable
+    from vitok.platform.study import StudyStore
+
+    cfg = _study_cfg(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    store = StudyStore(str(tmp_path / "store" / "studies" / "smoke-study"))
+    Path(store.uri).mkdir(parents=True)
+    Path(store.path("config.yaml")).write_text(dump_config(cfg))
+    check_resumable(store, cfg, force=False)  # the same config: fine
+    changed = apply_overrides(cfg, ["train.steps=99", "tokenizer.channels=3"])
+    with pytest.raises(SystemExit, match=r"train.steps: 12 -> 99"):
+        check_resumable(store, changed, force=False)
+    check_resumable(store, changed, force=True)
+    assert "steps: 99" in Path(store.path("config.yaml")).read_text()
+
+
+def _events(study_dir: Path) -> list[dict]:
+    from vitok.platform.study import StudyStore
+
+    return StudyStore(str(study_dir)).events() if study_dir.exists() else []
+
+
+def kill_and_resume_args(tmp_path: Path, mlflow_uri: str) -> list[str]:
+    return [
         sys.executable,
         str(REPO / "pipelines" / "scaling_study.py"),
         "--preset",
@@ -166,16 +223,19 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, mlflow
         "--set",
         "search.sweeps=['c=2,4,8']",
         "--set",
-        f"results_dir={tmp_path / 'results'}",
-        "--set",
-        f"data.output_root={tmp_path / 'data'}",
+        f"storage.root={tmp_path / 'store'}",
         "--set",
         f"tracking.uri={mlflow_uri}",
         "--set",
         "tracking.system_metrics=false",
     ]
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, mlflow_uri):
+    args = kill_and_resume_args(tmp_path, mlflow_uri)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    study_dir = tmp_path / "results" / "smoke-study"
+    study_dir = tmp_path / "store" / "studies" / "smoke-study"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -187,12 +247,11 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, mlflow
             if sum(e["event"] == "started" for e in events) >= 2:
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(2)
+            time.sleep(1)
         else:
             pytest.fail("the first trial never finished")
-        time.sleep(5)  # let Tune write its experiment state
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the second trial is mid-way: no grace period
         proc.wait()
     finished_before = {e["trial"] for e in _events(study_dir) if e["event"] == "finished"}
     assert finished_before and len(finished_before) < 3
@@ -206,14 +265,15 @@ def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, mlflow
         assert sum(e["trial"] == trial and e["event"] == "started" for e in events) == 1
     assert {e["trial"] for e in events if e["event"] == "finished"} == {"c2", "c4", "c8"}
     assert "3 trials finished" in resumed.stdout
+    assert not list(tmp_path.glob("results*")), "nothing under the working directory"
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("vitok")
     runs = client.search_runs([exp.experiment_id], "tags.`vitok.kind` = 'tokenizer'")
-    names = sorted(r.info.run_name for r in runs)
-    assert names == ["c2", "c4", "c8"]  # one run per trial: a resumed trial kept its run
+    assert sorted(r.info.run_name for r in runs) == ["c2", "c4", "c8"]  # one run per trial
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the killed trial's run reopened
 
 
 @pytest.mark.parametrize(
@@ -226,3 +286,48 @@ def test_every_preset_round_trips_through_yaml(name):
     cfg = preset(name)
     assert from_yaml(ExperimentConfig, to_yaml(cfg)) == cfg
     assert cfg.tokenizer.input_size[0] == cfg.data.frames
+
+
+def test_paper_preset_on_a_laptop_is_refused_before_compute(ray_local, tmp_path, capsys):
+    """No LPIPS/Inception/I3D files and no GPU: one refusal naming every setting to fix."""
+    from vitok.pipelines.scaling_study import main
+
+    (tmp_path / "ucf" / "ApplyEyeMakeup").mkdir(parents=True)
+    argv = ["--preset", "paper-video-ucf", "--data", str(tmp_path / "ucf")]
+    argv += ["--set", f"storage.root={tmp_path / 'store'}"]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    message = str(err.value)
+    for needle in (
+        "loss.lpips_weight=1.0 needs loss.vgg_weights=",
+        "--set loss.lpips_weight=0",
+        "metrics.inception_weights=<pt_inception",
+        "metrics.i3d_weights=<i3d_torchscript.pt>",
+        "train: one worker needs {GPU: 1, CPU: 8}",
+        "--set train.use_gpu=false",
+    ):
+        assert needle in message, message
+    assert not (tmp_path / "store").exists()  # refused before anything was written
+
+
+def test_autoscaling_cluster_is_asked_for_the_gpus(ray_local, tmp_path, monkeypatch):
+    """With node types that have GPUs, the same preset passes the resource check and the
+    autoscaler is asked for the largest GPU stage (8 workers of {GPU: 1, CPU: 8})."""
+    from vitok.pipelines import scaling_study
+    from vitok.platform import cluster
+
+    monkeypatch.setenv("VITOK_AUTOSCALING_CONFIG", str(REPO / "cluster.yaml"))
+    asked = []
+    monkeypatch.setattr(
+        cluster, "request_and_wait", lambda bundles, **kw: asked.append(bundles) or True
+    )
+    (tmp_path / "ucf").mkdir()
+    cfg = apply_overrides(
+        preset("paper-video-ucf"),
+        [f"data.sources=['{tmp_path / 'ucf'}']", "loss.lpips_weight=0", "metrics.require=[]"],
+    )
+    assert scaling_study.preflight(cfg) is True
+    assert asked == [[{"CPU": 8.0, "GPU": 1.0}] * 8]
+    too_big = apply_overrides(cfg, ["train.num_workers=64"])
+    with pytest.raises(SystemExit, match="train.num_workers=64 asks for 64"):
+        scaling_study.preflight(too_big)

@@ -58,7 +58,9 @@ def _task(tmp_path) -> TokenizerTask:
     torch.manual_seed(0)
     init = tmp_path / "stage1.pt"
     torch.save(ViTok(TOKENIZER).state_dict(), init)
-    return TokenizerTask(TOKENIZER, LOSS, stage=2, init_weights=str(init))
+    return TokenizerTask(
+        TOKENIZER, LOSS, stage=2, init_weights=lambda: torch.load(init, weights_only=True)
+    )
 
 
 def _adamw(param, grad, state, lr, cfg: TrainConfig, eps: float = 1e-8) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from vitok.pipelines.experiment import ExperimentConfig
 from vitok.pipelines.presets import smoke, tokenizer_for
 from vitok.platform.data import DataConfig, prepare
+from vitok.platform.storage import StorageConfig
 from vitok.platform.tracking import TrackingConfig
 from vitok.platform.train import TrainConfig
 
@@ -26,7 +27,6 @@ def real_clip_config(tmp_path: Path, mlflow_uri: str) -> ExperimentConfig:
         crop=(32, 32),
         clips_per_video=6,
         val_fraction=0.25,
-        output_root=str(tmp_path / "data"),
     )
     base = smoke()
     return dataclasses.replace(
@@ -59,7 +59,7 @@ def real_clip_config(tmp_path: Path, mlflow_uri: str) -> ExperimentConfig:
             precision="bf16",  # ZeRO 0: DeepSpeed's bf16 wrapper holds the fp32 masters
         ),
         tracking=TrackingConfig(uri=mlflow_uri, experiment="tokenizer-test", system_metrics=False),
-        results_dir=str(tmp_path / "results"),
+        storage=StorageConfig(root=str(tmp_path / "store")),
     )
 
 
@@ -71,7 +71,7 @@ def test_tokenizer_training_real_clips_two_workers(ray_local, tmp_path, mlflow_u
     from vitok.pipelines.tokenizer_stage import run_tokenizer
 
     cfg = real_clip_config(tmp_path, mlflow_uri)
-    prepared = prepare(cfg.data, progress=False)
+    prepared = prepare(cfg.data, cfg.storage.uri, progress=False)
     assert prepared.num_train >= 8 and prepared.num_val >= 2
     run = run_tokenizer(cfg, prepared)
     client = MlflowClient(mlflow_uri)
@@ -104,9 +104,7 @@ def test_tokenizer_training_real_clips_two_workers(ray_local, tmp_path, mlflow_u
     # Running the same experiment again continues the same MLflow run (no duplicate).
     from vitok.platform.tracking import start_run
 
-    again = start_run(
-        cfg.tracking, cfg.name, resume_file=cfg.results_path / cfg.name / "mlflow_run_id"
-    )
+    again = start_run(cfg.tracking, cfg.name, resume_file=f"{cfg.run_dir(cfg.name)}/mlflow_run_id")
     assert again == run.run_id
 
 

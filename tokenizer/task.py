@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +55,14 @@ class Stage2Module(nn.Module):
 
 @dataclass
 class TokenizerTask:
-    """Stage 1 or 2 of one tokenizer. ``init_weights`` is a state-dict file (stage 2 starts
-    from stage 1's weights), loaded with ``weights_only=True``."""
+    """Stage 1 or 2 of one tokenizer. ``init_weights`` returns the state dict to start from
+    (stage 2 starts from stage 1's weights); it is called where the model is built, so it
+    fetches its file on that node."""
 
     model: TokenizerConfig
     loss: LossConfig
     stage: int = 1
-    init_weights: str | None = None
+    init_weights: Callable[[], Mapping[str, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -73,10 +74,9 @@ class TokenizerTask:
     def build_model(self) -> nn.Module:
         tokenizer = ViTok(self.model)
         if self.init_weights:
-            state = torch.load(self.init_weights, map_location="cpu", weights_only=True)
             state = {
                 k.removeprefix("tokenizer."): v
-                for k, v in state.items()
+                for k, v in self.init_weights().items()
                 if not k.startswith("discriminator.")
             }
             tokenizer.load_state_dict(state)

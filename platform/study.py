@@ -1,0 +1,264 @@
+"""A study's state under the storage root, and the Ray Tune run that fills it.
+
+A study folder (``<root>/studies/<name>``) holds everything a stopped study needs to go on,
+whatever node or code runs it next::
+
+    config.yaml                 the resolved config of the study
+    mlflow_run_id               the parent MLflow run
+    trials/<trial>/result.json  a trial's committed result (written once, when it ends)
+    trials/<trial>/...          its MLflow run ids, Ray Train storage, latents
+    events/*.json               one object per trial start / finish (append-only evidence)
+    tune/                       Ray Tune's experiment state (never needed for resume)
+    report/                     plots, tables, fits
+
+Resume never depends on Tune's own state: a trial whose ``result.json`` exists is finished;
+a new Tune run gets only the trials that are not (grid), or the remaining samples with the
+finished ones told to the searcher first (Optuna). A trial that finds its own committed
+result reports it and returns at once, so a trial Tune reruns anyway costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from vitok.platform import storage
+
+STUDIES = "studies"
+LEASE_FILE = "driver.json"
+LEASE_HEARTBEAT_S = 20.0
+LEASE_STALE_S = 90.0
+RESULT_FILE = "result.json"
+FINISHED, STOPPED = "finished", "stopped"
+
+
+class StudyStore:
+    """One study folder (a local path or a URI under the storage root)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the location travels (to trials, Tune callbacks): the lease stays here."""
+        return {"uri": self.uri}
+
+    @property
+    def name(self) -> str:
+        return storage.name(self.uri)
+
+    @classmethod
+    def locate(cls, root: str, name: str, *, resume: bool) -> StudyStore:
+        """``<root>/studies/<name>``: with ``resume`` the latest study of that name (an error
+        if there is none); else a fresh folder (``name``, ``name-2``, ...), never an old one."""
+        parent = storage.join(root, STUDIES)
+        taken = set(storage.listdir(parent))
+        candidates = [name] + [f"{name}-{i}" for i in range(2, 1000)]
+        if resume:
+            existing = [c for c in candidates if c in taken]
+            if not existing:
+                raise SystemExit(
+                    f"error: --resume but no study {name!r} under {parent} "
+                    f"(studies there: {sorted(taken) or 'none'})"
+                )
+            return cls(storage.join(parent, existing[-1]))
+        return cls(storage.join(parent, next(c for c in candidates if c not in taken)))
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    # -- one driver at a time -------------------------------------------------------------
+    def acquire(self, settle_s: float = 1.0) -> None:
+        """Become the study's only driver, or exit naming the one that runs it.
+
+        A lease (``driver.json``: host, pid, heartbeat) is written, then read back after
+        ``settle_s``: of two drivers starting together, the later write wins and the other
+        is refused. A lease whose driver is gone (a dead pid on this host, or no heartbeat
+        for ``LEASE_STALE_S``) is taken over, so a killed study resumes at once.
+        """
+        holder = self._lease()
+        if holder is not None and _lease_alive(holder):
+            raise SystemExit(
+                f"error: study {self.name} is being run by pid {holder['pid']} on "
+                f"{holder['host']} (since {time.ctime(holder['started'])}); stop that one first "
+                "(its --resume then continues), or start a study of another name"
+            )
+        token = uuid.uuid4().hex
+        now = time.time()
+        lease = {"token": token, "host": socket.gethostname(), "pid": os.getpid()}
+        self._write_lease({**lease, "started": now, "heartbeat": now})
+        time.sleep(settle_s)
+        if (self._lease() or {}).get("token") != token:
+            raise SystemExit(
+                f"error: another driver claimed study {self.name} at the same moment; "
+                "start again with a new name, or --resume once it has stopped"
+            )
+        self._token = token
+        self._stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(lease, now), daemon=True)
+        beat.start()
+
+    def release(self) -> None:
+        """Give up the lease (only our own)."""
+        token = getattr(self, "_token", None)
+        if token is None:
+            return
+        self._stop.set()
+        if (self._lease() or {}).get("token") == token:
+            storage.delete(self.path(LEASE_FILE))
+        self._token = None
+
+    def _lease(self) -> dict[str, Any] | None:
+        uri = self.path(LEASE_FILE)
+        return storage.read_json(uri) if storage.is_file(uri) else None
+
+    def _write_lease(self, lease: dict[str, Any]) -> None:
+        storage.write_json(self.path(LEASE_FILE), lease)
+
+    def _heartbeat(self, lease: dict[str, Any], started: float) -> None:
+        while not self._stop.wait(LEASE_HEARTBEAT_S):
+            try:
+                if (self._lease() or {}).get("token") != lease["token"]:
+                    return  # taken over: never overwrite another driver's lease
+                self._write_lease({**lease, "started": started, "heartbeat": time.time()})
+            except OSError as err:  # storage hiccup: the next beat tries again
+                print(f"[vitok] study lease heartbeat failed: {err}", flush=True)
+
+    def trial_dir(self, trial: str) -> str:
+        return self.path("trials", trial)
+
+    # -- committed results ------------------------------------------------------------
+    def result(self, trial: str) -> dict[str, Any] | None:
+        uri = storage.join(self.trial_dir(trial), RESULT_FILE)
+        return storage.read_json(uri) if storage.is_file(uri) else None
+
+    def commit(self, trial: str, result: Mapping[str, Any], status: str = FINISHED) -> None:
+        """Record a trial's final result (one atomic write): from now on it is done."""
+        record = {**result, "trial": trial, "status": status, "committed_at": time.time()}
+        storage.write_json(storage.join(self.trial_dir(trial), RESULT_FILE), record)
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Every committed trial result, by trial name."""
+        out = {}
+        for trial in storage.listdir(self.path("trials")):
+            result = self.result(trial)
+            if result is not None:
+                out[trial] = result
+        return out
+
+    # -- events -----------------------------------------------------------------------
+    def log_event(self, trial: str, event: str, **info: Any) -> None:
+        """One object per event (object stores cannot append): evidence of what ran."""
+        stamp = time.time_ns()
+        record = {"trial": trial, "event": event, "time": stamp / 1e9, **info}
+        storage.write_json(self.path("events", f"{stamp}-{trial}-{event}.json"), record)
+
+    def events(self) -> list[dict[str, Any]]:
+        names = [n for n in storage.listdir(self.path("events")) if n.endswith(".json")]
+        return [storage.read_json(self.path("events", n)) for n in sorted(names)]
+
+
+def _lease_alive(lease: Mapping[str, Any]) -> bool:
+    """A lease's driver still runs: its pid on this host, else a recent heartbeat."""
+    if lease.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lease["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - float(lease.get("heartbeat", 0)) < LEASE_STALE_S
+
+
+def report_to_tune_callback(required: Sequence[str], constants: Mapping[str, Any]) -> Any:
+    """A Ray Train callback that forwards a Train report to the Tune trial only when it
+    carries every ``required`` metric (after adding ``constants``, e.g. the trial's FLOPs).
+
+    Searchers and schedulers read their metric from every result they see: Optuna raises on
+    a result without it, and ASHA must compare like with like. Training-only reports (loss,
+    throughput) therefore stay in MLflow; evaluation reports reach Tune.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _ReportObjectives(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            merged = [{**constants, **m} for m in metrics]
+            if merged and all(key in merged[0] for key in required):
+                super().after_report(run_context, merged, checkpoint)
+
+    return _ReportObjectives()
+
+
+def study_progress(
+    store: StudyStore, trial_name: Callable[[dict], str], summary: Callable[[dict], str]
+) -> Any:
+    """A Tune callback on the study driver: one line per trial that ends (``summary`` of its
+    result), and a trial the scheduler stopped early (ASHA) committed as ``stopped`` with its
+    last result, so a resumed study does not rerun it."""
+    from ray.tune import Callback
+
+    class _StudyProgress(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            name = trial_name(trial.config)
+            last = {
+                k: v
+                for k, v in (trial.last_result or {}).items()
+                if isinstance(v, int | float | str) and not k.startswith("time_")
+            }
+            status = FINISHED
+            if store.result(name) is None and last:
+                store.commit(name, {**last, "params": dict(trial.config)}, status=STOPPED)
+                status = STOPPED
+            minutes = float((trial.last_result or {}).get("time_total_s", 0.0)) / 60
+            print(f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
+            print(f"[vitok] trial {trial_name(trial.config)} failed: {trial.error_file}")
+
+    return _StudyProgress()
+
+
+def seeded_optuna_storage(
+    path: str,
+    study_name: str,
+    space: Mapping[str, Sequence[str]],
+    directions: Sequence[str],
+    done: Sequence[tuple[Mapping[str, str], Sequence[float]]],
+) -> str:
+    """A fresh Optuna study in a local sqlite file holding the ``done`` trials (params,
+    objective values) as completed, so TPE starts where the stopped study was."""
+    import optuna
+
+    url = f"sqlite:///{path}"
+    study = optuna.create_study(
+        storage=url,
+        study_name=study_name,
+        directions=["maximize" if d == "max" else "minimize" for d in directions],
+    )
+    distributions = {
+        k: optuna.distributions.CategoricalDistribution(list(v)) for k, v in space.items()
+    }
+    for params, values in done:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={k: params[k] for k in space},
+                distributions=distributions,
+                values=[float(v) for v in values],
+            )
+        )
+    return url
+
+
+__all__ = [
+    "FINISHED",
+    "STOPPED",
+    "StudyStore",
+    "study_progress",
+    "report_to_tune_callback",
+    "seeded_optuna_storage",
+]
