@@ -291,7 +291,15 @@ def _accumulate(batches: Iterator[dict]) -> tuple[dict[str, FeatureMoments], int
 def generated_moments(
     spec: GenerationSpec, count: int, workers: Workers
 ) -> dict[str, FeatureMoments]:
-    """Feature moments of samples 0 .. count - 1, sampled by an actor pool."""
+    """Feature moments of samples 0 .. count - 1, sampled by an actor pool (a feature
+    network without a weight file is announced as skipped here, on the driver)."""
+    spec = dataclasses.replace(spec, metrics=resolve_networks(spec.metrics))
+    for metric, weights, env in (
+        ("gfid", spec.metrics.inception_weights, INCEPTION_ENV),
+        ("gfvd", spec.metrics.i3d_weights, I3D_ENV),
+    ):
+        if weights is None:
+            announce_skip(metric, f"no weight file (metrics config or {env}); nothing downloads")
     moments, _ = _accumulate(_map(_ids(count, workers), GeneratedFeatures, {"spec": spec}, workers))
     return moments
 
@@ -305,6 +313,7 @@ def real_moments(
 ) -> tuple[dict[str, FeatureMoments], int]:
     """Network feature moments of the first ``count`` clips of a Ray Dataset of uint8 clips,
     and how many clips that was."""
+    spec = dataclasses.replace(spec, metrics=resolve_networks(spec.metrics))
     clips = dataset.select_columns(["clip"]).limit(count)
     return _accumulate(_map(clips, RealFeatures, {"spec": spec, "crop": crop}, workers))
 
