@@ -56,8 +56,10 @@ class Objective(Protocol):
         steps: int | None = None,
         guidance: float | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """y: (B,) int labels -> latents of `shape` (B, ...); None = the configured default."""
+        """y: (B,) int labels -> latents of `shape` (B, ...); None = the configured default.
+        `noise` (shape) is the starting point instead of a draw from `generator`."""
         ...
 
 

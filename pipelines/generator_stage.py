@@ -5,10 +5,12 @@
    latents normalise the generator's inputs (``vitok.platform.latents``).
 2. The DiT trains through the platform's Ray Train + DeepSpeed loop (``GeneratorTask``),
    with the validation diffusion loss as its evaluation.
-3. Generation eval on the driver: N samples per class (DDIM + classifier-free guidance,
-   EMA weights), decoded by the tokenizer, logged as a grid PNG (and an mp4 for video).
-   gFID / gFVD when the Inception / I3D weight files are configured; always
-   ``frechet_tokenizer_latent`` (see ``generation_metrics``), never called FID.
+3. Generation eval: ``metrics.gen_samples`` samples (DDIM + classifier-free guidance, EMA
+   weights), drawn in batches across Ray workers and decoded by the tokenizer
+   (``vitok.pipelines.generation_eval``); the first few of each class are logged as a grid
+   PNG (and an mp4 for video). gFID / gFVD when the Inception / I3D weight files are
+   configured; always ``frechet_tokenizer_latent`` (see ``generation_metrics``), never called
+   FID; the sample counts beside them.
 
 One MLflow run per generator, tagged with its tokenizer (and nested under a parent run).
 """
@@ -19,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,36 +32,29 @@ import torch.distributed as dist
 from vitok.generator.config import GeneratorConfig
 from vitok.generator.diffusion import Objective, build_objective
 from vitok.generator.dit import DiT
-from vitok.generator.task import GeneratorTask, load_generator
+from vitok.generator.task import GeneratorTask
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
+from vitok.pipelines.generation_eval import (
+    GenerationSpec,
+    Workers,
+    generated_moments,
+    generation_metrics,
+    networks_configured,
+    preview_clips,
+    preview_ids,
+    real_moments,
+    resolve_networks,
+)
 from vitok.pipelines.tokenizer_stage import load_tokenizer
 from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_dataset, to_model_input
 from vitok.platform.latents import LatentSet, LatentStats, extract_latents
-from vitok.platform.metrics import (
-    FeatureMoments,
-    MetricsConfig,
-    clip_features,
-    frame_features,
-    frechet_distance,
-    frechet_from_moments,
-    load_i3d,
-    load_inception,
-)
 from vitok.platform.tracking import RunLogger, start_run
-from vitok.platform.train import (
-    TrainConfig,
-    TrainJob,
-    TrainResult,
-    load_model_state,
-    load_task_state,
-    run_training,
-)
+from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_training
 from vitok.tokenizer.config import TokenizerConfig
-from vitok.tokenizer.model import ViTok
 
-SAMPLES_PER_CLASS = 4
+PREVIEW_PER_CLASS = 4  # generated samples per class in the logged grid / mp4
 
 
 # ----------------------------------------------------------------------------- worker pieces
@@ -163,105 +157,6 @@ def latents_for(
     )
 
 
-def latent_features(latents: torch.Tensor) -> torch.Tensor:
-    """(N, t, h, w, c) -> (N, c): the mean over the latent tokens (the Frechet feature, as
-    ``vitok.platform.latents.pool_tokens``)."""
-    return latents.float().flatten(1, -2).mean(dim=1)  # (N, c)
-
-
-# ----------------------------------------------------------------------------- generation
-@torch.no_grad()
-def generate(
-    dit: DiT,
-    objective: Objective,
-    stats: LatentStats,
-    tokenizer: ViTok,
-    labels: torch.Tensor,
-    latent_shape: tuple[int, ...],
-    *,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample latents for ``labels`` (B,) with DDIM + CFG, then decode them.
-
-    Returns (latents (B, t, h, w, c) in the tokenizer's space, clips (B, T, H, W, 3) float in
-    [-1, 1]). Everything runs on ``dit``'s device.
-    """
-    device = next(dit.parameters()).device
-    labels = labels.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (labels.shape[0], *latent_shape)
-    z = objective.sample(dit, shape, labels, steps=steps, guidance=guidance, generator=gen)
-    z = stats.denormalise(z)  # (B, t, h, w, c)
-    clips = tokenizer.to(device).decode(z).float().clamp(-1, 1)  # (B, T, H, W, 3)
-    return z, clips
-
-
-def generation_metrics(
-    tokenizer: ViTok,
-    fake_clips: torch.Tensor,
-    real_features: torch.Tensor,
-    reference_features: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Frechet distances in the frozen tokenizer's latent space.
-
-    ``frechet_tokenizer_latent``: between Gaussians fitted to the token-mean-pooled posterior
-    means (c dims) of the generated clips (re-encoded by the tokenizer) and of the real clips
-    (``real_features`` (N, c)). It measures how well the generator matches the tokenizer's
-    latent statistics; it is *not* FID. With ``reference_features`` (another real split),
-    ``frechet_tokenizer_latent_real_ref`` is the same distance between two real splits: the
-    level a perfect generator would reach at these sample sizes.
-    """
-    device = next(tokenizer.parameters()).device
-    with torch.no_grad():
-        fake = latent_features(tokenizer.encode(fake_clips.to(device)).mode().cpu())  # (N, c)
-    out = {}
-    if fake.shape[0] >= 2 and real_features.shape[0] >= 2:
-        a, b = FeatureMoments(), FeatureMoments()
-        a.update(real_features)
-        b.update(fake)
-        out["frechet_tokenizer_latent"] = frechet_from_moments(a, b)
-        if reference_features is not None and reference_features.shape[0] >= 2:
-            r = FeatureMoments()
-            r.update(reference_features)
-            out["frechet_tokenizer_latent_real_ref"] = frechet_from_moments(a, r)
-    return out
-
-
-def network_metrics(
-    metrics: MetricsConfig,
-    real_clips: Callable[[], torch.Tensor],
-    fake_clips: torch.Tensor,
-) -> dict[str, float]:
-    """gFID (per-frame Inception) and gFVD (I3D) when their weight files are configured;
-    each loader announces its own skip. ``real_clips()`` is called only when a network
-    loaded. Clips: (N, T, H, W, 3) float in [-1, 1] or uint8."""
-    out: dict[str, float] = {}
-    inception = load_inception(metrics)
-    i3d = load_i3d(metrics)
-    if inception is None and i3d is None:
-        return out
-    real_clips = real_clips()
-    if inception is not None:
-        real = frame_features(inception, real_clips, metrics.feature_batch_size)
-        fake = frame_features(inception, fake_clips, metrics.feature_batch_size)
-        out["gfid"] = _frechet(real, fake)
-    if i3d is not None and min(real_clips.shape[1], fake_clips.shape[1]) >= metrics.fvd_num_frames:
-        n, batch = metrics.fvd_num_frames, metrics.feature_batch_size
-        out["gfvd"] = _frechet(
-            clip_features(i3d, real_clips, n, batch), clip_features(i3d, fake_clips, n, batch)
-        )
-    return out
-
-
-def _frechet(real: torch.Tensor, fake: torch.Tensor) -> float:
-    a, b = FeatureMoments(), FeatureMoments()
-    a.update(real)
-    b.update(fake)
-    return frechet_distance(*a.mean_cov(), *b.mean_cov())
-
-
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
@@ -304,12 +199,6 @@ def log_samples(
             logger.log_artifact(path, "samples")
 
 
-def _real_clips(prepared: PreparedData, count: int, crop: tuple[int, int] | None) -> torch.Tensor:
-    ds = clip_dataset(prepared, "val" if prepared.num_val else "train")
-    batch = ds.take_batch(count, batch_format="numpy")
-    return to_model_input(np.ascontiguousarray(batch["clip"]), crop=crop, flip=False)
-
-
 # ----------------------------------------------------------------------------- the stage
 @dataclass
 class GeneratorRun:
@@ -330,7 +219,6 @@ def run_generator(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     tokenizer_run_id: str | None = None,
-    samples_per_class: int = SAMPLES_PER_CLASS,
 ) -> GeneratorRun:
     """Train and evaluate one generator on a frozen tokenizer, logging one MLflow run.
 
@@ -349,8 +237,6 @@ def run_generator(
             f"generator.num_classes={cfg.generator.num_classes} is smaller than the data's "
             f"{num_labels} labels {sorted(prepared.label_map)}"
         )
-    if samples_per_class < 1:
-        raise ValueError(f"samples_per_class={samples_per_class!r} must be >= 1")
     tokenizer_checkpoint = storage.resolve_root(str(tokenizer_checkpoint))
     name = run_name or f"{cfg.name}-generator"
     out_dir = run_dir or cfg.run_dir(name)
@@ -394,6 +280,7 @@ def run_generator(
             "tokenizer_checkpoint": tokenizer_checkpoint,
             "data_hash": prepared.config_hash,
             "latents_dir": str(latent_set.root),
+            "gen_samples": cfg.metrics.gen_samples,  # behind every generation metric
         }
         if logger:
             logger.log_params(params)
@@ -426,7 +313,6 @@ def run_generator(
                 result.checkpoint_dir,
                 tokenizer_checkpoint,
                 latent_set,
-                samples_per_class=samples_per_class,
                 logger=logger,
             )
         )
@@ -448,44 +334,49 @@ def evaluate_generation(
     tokenizer_checkpoint: str,
     latent_set: LatentSet,
     *,
-    samples_per_class: int = SAMPLES_PER_CLASS,
     logger: RunLogger | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Sample ``samples_per_class`` clips per data class from the EMA generator, decode them,
-    log the grid / mp4, and return the generation metrics (see the module docstring)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    extra = load_task_state(generator_checkpoint) or None
-    channels = latent_set.latent_shape[-1]
-    dit = load_generator(load_model_state(generator_checkpoint), cfg.generator, channels, extra).to(
-        device
-    )
-    tokenizer = load_tokenizer(tokenizer_checkpoint, cfg.tokenizer).to(device)
+    """Sample ``cfg.metrics.gen_samples`` clips from the EMA generator in batches across Ray
+    workers (one per generator training worker, with its resources), log the first
+    ``PREVIEW_PER_CLASS`` of each class, and return the generation metrics (see the module
+    docstring) with ``gen/samples`` (and ``gen/real_samples``) beside them."""
     names = [n for n, _ in sorted(prepared.label_map.items(), key=lambda kv: kv[1])]
-    labels = [i for i in range(len(names)) for _ in range(samples_per_class)]
-    _, clips = generate(
-        dit,
-        build_objective(cfg.generator),
-        latent_set.stats,
-        tokenizer,
-        torch.tensor(labels),
-        latent_set.latent_shape,
+    metrics_cfg = resolve_networks(cfg.metrics)
+    spec = GenerationSpec(
+        generator_checkpoint=str(generator_checkpoint),
+        tokenizer_checkpoint=str(tokenizer_checkpoint),
+        generator=cfg.generator,
+        tokenizer=cfg.tokenizer,
+        stats=latent_set.stats,
+        latent_shape=tuple(latent_set.latent_shape),
+        metrics=metrics_cfg,
+        num_labels=len(names),
         seed=seed,
     )
+    train = cfg.generator_train or TrainConfig()
+    workers = Workers(
+        num_actors=train.num_workers,
+        batch_size=metrics_cfg.gen_batch_size,
+        num_cpus=train.cpus_per_worker,
+        num_gpus=1.0 if train.use_gpu else 0.0,
+    )
+    count = metrics_cfg.gen_samples
+    generated = generated_moments(spec, count, workers)
     real_split = "val" if "val" in latent_set.splits else "train"
     real = torch.from_numpy(latent_set.pooled(real_split))  # (N, c)
     reference = None
     if real_split == "val":  # a real set of the generated set's size: the attainable level
-        reference = torch.from_numpy(latent_set.pooled("train")[: len(labels)])
-    metrics = generation_metrics(tokenizer, clips, real, reference)
-    metrics.update(
-        network_metrics(
-            cfg.metrics, lambda: _real_clips(prepared, len(labels), cfg.data.crop), clips.cpu()
-        )
-    )
-    metrics["samples"] = float(len(labels))
+        reference = torch.from_numpy(latent_set.pooled("train")[:count])
+    real_networks, real_clips = {}, 0
+    if networks_configured(metrics_cfg):
+        dataset = clip_dataset(prepared, real_split)
+        real_networks, real_clips = real_moments(spec, dataset, count, cfg.data.crop, workers)
+    metrics = generation_metrics(generated, real, reference, real_networks, real_clips)
     if logger:
-        log_samples(logger, clips.cpu(), labels, names, cfg.data.fps)
+        ids = preview_ids(count, len(names), PREVIEW_PER_CLASS)
+        clips = torch.from_numpy(preview_clips(spec, ids, workers)).float() / 127.5 - 1
+        log_samples(logger, clips, [i % len(names) for i in ids], names, cfg.data.fps)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     print(f"[vitok] generation eval: {shown}", flush=True)
     return {f"gen/{k}": v for k, v in metrics.items()}

@@ -19,7 +19,8 @@ PAPER: dict[tuple[str, int, tuple[int, int, int]], dict[str, Any]] = {
         "rfid": 0.50,
         "psnr": 24.36,
         "ssim": 0.747,
-        "gfid": 2.45,
+        "gfid": 2.45,  # with DiT-XL
+        "gen_samples": 50_000,  # gFID's sample count (the issue and DiT's protocol)
     },
     ("S-L/16", 16, _IMAGE): {
         "params_M": 426.8,

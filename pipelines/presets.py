@@ -31,6 +31,16 @@ def tokenizer_for(data: DataConfig, variant: str, channels: int) -> TokenizerCon
 NO_LPIPS = LossConfig(lpips_weight=0.0)
 
 
+def cpu_metrics(classes: int, per_class: int = 4) -> MetricsConfig:
+    """Generation metrics that fit a CPU run: ``per_class`` samples per class (a gFID at this
+    count is not comparable with the paper's 50,000; the report shows the count)."""
+    return MetricsConfig(gen_samples=classes * per_class, gen_batch_size=16)
+
+
+# The paper's generation metrics: 50,000 samples (gFID / gFVD), as in DiT.
+PAPER_GEN_SAMPLES = 50_000
+
+
 def smoke() -> ExperimentConfig:
     """The fastest full path (tests): synthetic clips, nano models, a few steps."""
     data = DataConfig(
@@ -58,6 +68,7 @@ def smoke() -> ExperimentConfig:
             cpus_per_worker=0.5,  # leaves room for data tasks and a trial driver on 2 cores
         ),
         generator=GeneratorConfig(size="N", num_classes=3, sampling_steps=10),
+        metrics=cpu_metrics(classes=3),
     )
 
 
@@ -118,6 +129,7 @@ def demo() -> ExperimentConfig:
             cpus_per_worker=0.5,
         ),
         generator=GeneratorConfig(size="N", num_classes=8, sampling_steps=20),
+        metrics=cpu_metrics(classes=8),
         generator_train=TrainConfig(
             steps=60,
             batch_size=8,
@@ -169,6 +181,7 @@ def tokenizer_demo() -> ExperimentConfig:
             cpus_per_worker=2,
         ),
         generator=GeneratorConfig(size="N", num_classes=8, sampling_steps=25),
+        metrics=cpu_metrics(classes=8),
     )
 
 
@@ -217,7 +230,8 @@ def paper_video_ucf() -> ExperimentConfig:
         train=_paper_train(batch_size=32),  # 8 x 32 = 256 videos, as the paper
         stage2=_paper_train(batch_size=32),
         generator=GeneratorConfig(size="L", num_classes=101, guidance=2.0),
-        metrics=MetricsConfig(require=("fid", "fvd")),  # rFID/rFVD, gFVD: the paper's table
+        # rFID/rFVD, gFVD at the paper's 50,000 samples: the paper's table
+        metrics=MetricsConfig(gen_samples=PAPER_GEN_SAMPLES, require=("fid", "fvd")),
         generator_train=_paper_generator_train(batch_size=32),
         # The paper's video table: S-B/4x8, S-B/8x8, S-B/4x16.
         search=SearchConfig(mode="grid", sweeps=("q=4,8 p=8", "q=4 p=16")),
@@ -241,7 +255,8 @@ def paper_image_256() -> ExperimentConfig:
         train=_paper_train(batch_size=128),  # 8 x 128 = 1024 images, as the paper
         stage2=_paper_train(batch_size=128),
         generator=GeneratorConfig(size="L", num_classes=1000, guidance=1.5),
-        metrics=MetricsConfig(require=("fid",)),  # rFID and gFID: the paper's table
+        # rFID and gFID at the paper's 50,000 samples: the paper's table
+        metrics=MetricsConfig(gen_samples=PAPER_GEN_SAMPLES, require=("fid",)),
         generator_train=_paper_generator_train(batch_size=32),
         # The paper's E sweep at 256p: p in {8, 16, 32} x c in {4, ..., 64}.
         search=SearchConfig(mode="grid", sweeps=("p=8,16,32 c=4,8,16,32,64",)),

@@ -540,6 +540,7 @@ TABLE_COLUMNS = [
     "val/fid",
     "val/fvd",
     "gen/diffusion_loss",
+    "gen/samples",  # generated samples behind the Frechet distances beside it
     "gen/frechet_tokenizer_latent",
     "gen/gfid",
     "gen/gfvd",
@@ -647,6 +648,7 @@ def _write_report_files(
                     "ours ssim": row.get("val/ssim"),
                     "paper ssim": ref.get("ssim"),
                     "paper rFID": ref.get("rfid"),
+                    **generation_beside_paper(row, ref),
                 }
             )
     lines += ["## The paper's findings", ""] + [f"- {k}: {v}" for k, v in FINDINGS.items()]
@@ -668,6 +670,22 @@ def _write_report_files(
         note = text if len(text) < 7500 else text[:7500] + "\n\n(cut: see report/report.md)"
         logger.set_tags({"mlflow.note.content": note})
     return fits
+
+
+def generation_beside_paper(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """gFID / gFVD, ours and the paper's, each with the sample count it was measured at."""
+    out: dict[str, Any] = {}
+    for metric in ("gfid", "gfvd"):
+        if ref.get(metric) is not None or row.get(f"gen/{metric}") is not None:
+            out[f"ours {metric} (samples)"] = _with_count(row.get(f"gen/{metric}"), row)
+            out[f"paper {metric} (samples)"] = _with_count(ref.get(metric), ref)
+    return out
+
+
+def _with_count(value: Any, source: dict[str, Any]) -> str:
+    count = source.get("gen/samples", source.get("gen_samples"))
+    shown = "-" if value is None else f"{value:.4g}"
+    return f"{shown} ({int(count)})" if count is not None and value is not None else shown
 
 
 def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) -> None:

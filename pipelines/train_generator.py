@@ -7,7 +7,8 @@
 With ``--tokenizer-run`` and no ``--preset``/``--config``, the tokenizer run's own
 ``config.yaml`` is the base config (so data and tokenizer match the checkpoint). Without a
 ``generator_train`` section, the tokenizer's ``train`` settings are used. Rerunning the same
-command resumes the generator's training and its MLflow run.
+command resumes the generator's training and its MLflow run. The generation metrics draw
+``metrics.gen_samples`` samples (``--set metrics.gen_samples=50000`` for the paper's count).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from vitok.pipelines.experiment import (  # noqa: E402
     print_run_summary,
     resolve_config,
 )
-from vitok.pipelines.generator_stage import SAMPLES_PER_CLASS, run_generator  # noqa: E402
+from vitok.pipelines.generator_stage import run_generator  # noqa: E402
 from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
 from vitok.platform.config import apply_overrides, from_yaml  # noqa: E402
 from vitok.platform.data import ensure_ray, prepare  # noqa: E402
@@ -65,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="a folder of videos or images")
     parser.add_argument("--name", default=None, help="the generator run's name")
     parser.add_argument("--parent-run", default=None, help="an MLflow parent run id")
-    parser.add_argument(
-        "--samples-per-class", type=int, default=SAMPLES_PER_CLASS, help="generated per class"
-    )
     args = parser.parse_args(argv)
 
     tokenizer_run_id = args.tokenizer_run
@@ -102,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         parent_run_id=args.parent_run,
         run_name=args.name,
         tokenizer_run_id=tokenizer_run_id,
-        samples_per_class=args.samples_per_class,
     )
     minutes = (time.perf_counter() - t0) / 60
     title = (

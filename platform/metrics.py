@@ -48,12 +48,20 @@ PSNR_MAX_DB = 10 * math.log10(255.0**2 / 1e-10)  # identical frames: a finite ce
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
-    """Where the feature networks' weight files are; None falls back to the environment."""
+    """Where the feature networks' weight files are (None falls back to the environment), and
+    how many samples the generation metrics draw.
+
+    ``gen_samples``: generated clips behind gFID / gFVD / frechet_tokenizer_latent (the
+    paper: 50,000); a Frechet distance depends on it, so reports show it beside them.
+    ``gen_batch_size``: samples per batch on one sampling worker.
+    """
 
     inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth
     i3d_weights: str | None = None  # StyleGAN-V's i3d_torchscript.pt
     fvd_num_frames: int = fvd.FVD_NUM_FRAMES
     feature_batch_size: int = 32
+    gen_samples: int = 50_000
+    gen_batch_size: int = 64
     # Metrics a study must produce ("fid", "fvd"): their weight files are checked before any
     # compute, instead of the metric being skipped at evaluation.
     require: tuple[str, ...] = ()
@@ -69,6 +77,10 @@ class MetricsConfig:
             raise ValueError(f"fvd_num_frames={self.fvd_num_frames!r} must be >= 1")
         if self.feature_batch_size < 1:
             raise ValueError(f"feature_batch_size={self.feature_batch_size!r} must be >= 1")
+        for name, least in (("gen_samples", 2), ("gen_batch_size", 1)):  # 2: a covariance
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"metrics.{name}={value!r} must be an int >= {least}")
 
 
 _ANNOUNCED: set[str] = set()  # metrics already reported as skipped in this process

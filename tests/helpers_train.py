@@ -9,9 +9,12 @@ backward before any update, and gradient clipping by the formula DeepSpeed uses
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -63,3 +66,26 @@ def train_locally(
         task.on_optimizer_step(model, step + 1)
         history.append({**{f"loss/{k}": float(v.detach()) for k, v in losses.items()}, **logs})
     return model, history
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[None]:
+    """A one-process gloo group, as a Ray Train worker has (DeepSpeed engines need one).
+
+    The group lives for the rest of the session: DeepSpeed caches the groups it derives, so a
+    second default group would leave it holding dead ones. The rank environment
+    (``deepspeed.initialize`` asserts LOCAL_RANK) is set only while the context is open.
+    """
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            mp.setenv(key, value)
+        if not dist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+            )
+        yield

@@ -12,14 +12,10 @@ import torch
 
 from vitok.generator import GeneratorConfig, build_objective
 from vitok.generator.task import GeneratorTask, load_generator
-from vitok.pipelines.generator_stage import (
-    DiffusionLossEvaluator,
-    LatentBatch,
-    generate,
-    generation_metrics,
-    latent_features,
-)
+from vitok.pipelines.generation_eval import generate, generation_metrics, latent_features
+from vitok.pipelines.generator_stage import DiffusionLossEvaluator, LatentBatch
 from vitok.platform.latents import ChannelMoments, LatentEncoder, LatentStats
+from vitok.platform.metrics import FeatureMoments
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 
@@ -175,11 +171,12 @@ def test_generate_decodes_clips_and_frechet_is_named_and_zero_for_identical_sets
     with torch.no_grad():
         real = latent_features(tokenizer.encode(clips).mode())  # (6, 4)
     assert real.shape == (6, 4)
-    same = generation_metrics(tokenizer, clips, real, reference_features=real)
-    assert set(same) == {"frechet_tokenizer_latent", "frechet_tokenizer_latent_real_ref"}
+    moments = FeatureMoments()
+    moments.update(real)
+    same = generation_metrics({"latent": moments}, real, reference_latent=real)
+    assert set(same) == {"samples", "frechet_tokenizer_latent", "frechet_tokenizer_latent_real_ref"}
     assert same["frechet_tokenizer_latent"] == pytest.approx(0.0, abs=1e-6)
-    shifted = generation_metrics(tokenizer, clips, real + 1.0)
-    assert shifted["frechet_tokenizer_latent"] == pytest.approx(4.0, rel=1e-4)  # ||1||^2, c=4
+    assert same["samples"] == 6
 
 
 # ----------------------------------------------------------------------------- integration
@@ -221,10 +218,11 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     losses = [m.value for m in client.get_metric_history(run.run_id, "train/loss")]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert run.metrics["val/diffusion_loss"] < 1.0  # below the zero-prediction loss of 1
-    assert run.metrics["gen/frechet_tokenizer_latent"] >= 0
-    assert run.metrics["gen/samples"] == 3 * 4
+    assert run.metrics["gen/samples"] == cfg.metrics.gen_samples == 3 * 4
 
     mlrun = client.get_run(run.run_id)
+    assert mlrun.data.params["gen_samples"] == "12"  # the count behind every generation metric
+
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.tags["vitok.tokenizer_run_id"] == tok.run_id
     assert mlrun.data.tags["vitok.kind"] == "generator"
@@ -232,20 +230,31 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     assert {"samples/grid.png", "samples/samples.mp4"} <= artifacts
     assert {"final/frechet_tokenizer_latent", "final/diffusion_loss"} <= set(mlrun.data.metrics)
 
-    # Samples decode to clips of the data's shape.
+    # The reported distance is the one of samples 0 .. 11, recomputed here without Ray from
+    # the checkpoints: the same per-sample noise and labels, re-encoded, against val latents.
     from vitok.generator.task import load_generator
+    from vitok.pipelines.generation_eval import sample_noise
     from vitok.pipelines.tokenizer_stage import load_tokenizer
+    from vitok.platform.metrics import frechet_from_moments
     from vitok.platform.train import load_model_state
 
     extra = torch.load(f"{run.checkpoint_dir}/task_state.pt", weights_only=True)
     dit = load_generator(load_model_state(run.checkpoint_dir), cfg.generator, 4, extra)
     tokenizer = load_tokenizer(tok.checkpoint_dir, cfg.tokenizer)
+    ids = torch.arange(cfg.metrics.gen_samples)
     _, clips = generate(
         dit,
         build_objective(cfg.generator),
         run.latents.stats,
         tokenizer,
-        torch.tensor([0, 1, 2]),
+        ids % 3,
         run.latents.latent_shape,
+        noise=sample_noise(ids, run.latents.latent_shape, seed=0),
     )
-    assert clips.shape == (3, *cfg.tokenizer.input_size, 3)
+    assert clips.shape == (12, *cfg.tokenizer.input_size, 3)
+    fake, real = FeatureMoments(), FeatureMoments()
+    with torch.no_grad():
+        fake.update(latent_features(tokenizer.encode(clips).mode()))
+    real.update(torch.from_numpy(run.latents.pooled("val")))
+    expected = frechet_from_moments(real, fake)
+    assert run.metrics["gen/frechet_tokenizer_latent"] == pytest.approx(expected, rel=1e-4)

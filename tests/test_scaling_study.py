@@ -106,19 +106,28 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
     cfg = _study_cfg(tmp_path, mlflow_uri)
     result = run_study(cfg, preset_name="smoke-study")
     assert [r["trial"] for r in result.rows] == ["c2", "c8"] and not result.failed
+    client = MlflowClient(mlflow_uri)
     for row in result.rows:
-        assert row["val/psnr"] > 5 and "gen/frechet_tokenizer_latent" in row
+        # The study row carries the trial's own final numbers, with the sample count beside
+        # the generation metric.
+        final = client.get_run(row["tokenizer_run_id"]).data.metrics
+        assert row["val/psnr"] == pytest.approx(final["final/psnr"], rel=1e-12)
+        assert row["gen/samples"] == cfg.metrics.gen_samples
+        assert "gen/frechet_tokenizer_latent" in row
     assert result.rows[0]["E"] * 4 == result.rows[1]["E"]
     report = Path(result.store.path("report"))
     assert (report / "scaling_E.png").stat().st_size > 1000
-    assert "c8" in (report / "report.md").read_text()
+    text = (report / "report.md").read_text()
+    assert "c8" in text
+    header = next(line for line in text.splitlines() if line.startswith("| trial"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns.index("gen/samples") + 1 == columns.index("gen/frechet_tokenizer_latent")
     # Everything under the storage root: committed results, checkpoints, shards, latents.
     assert set(result.store.results()) == {"c2", "c8"}
     for row in result.store.results().values():
         assert row["tokenizer_checkpoint"].startswith(str(tmp_path / "store" / "studies"))
         assert Path(row["tokenizer_checkpoint"], "model.pt").is_file()
     assert list((tmp_path / "store" / "data").glob("*/manifest.json"))
-    client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("study-test")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs(

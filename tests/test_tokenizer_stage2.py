@@ -6,11 +6,11 @@ networks and a hand-written AdamW."""
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_train import one_process_group
 
 from vitok.platform.train import TrainConfig, build_engines, named_losses, optimizer_parts
 from vitok.tokenizer import LossConfig, TokenizerConfig, ViTok
@@ -37,21 +37,8 @@ TRAIN = TrainConfig(
 
 @pytest.fixture(scope="module")
 def process_group():
-    """A one-process gloo group, as a Ray Train worker has (DeepSpeed needs one)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"}
-        for key, value in {**env, "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            mp.setenv(key, value)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
+    with one_process_group():
+        yield
 
 
 def _task(tmp_path) -> TokenizerTask:
