@@ -447,6 +447,66 @@ class RejectedSourceError(RuntimeError):
     """Most files of a source were rejected: a wrong path or codec, not bad luck."""
 
 
+def _redecode_lost(
+    cfg: DataConfig,
+    missing: list[dict[str, Any]],
+    folder: str,
+    prefix: str,
+    faults: Any,
+    progress: bool,
+) -> tuple[dict[str, list[dict[str, Any]]], list[int]]:
+    """Files whose decode task died (a worker killed: out of memory, a native crash) on both
+    tries: decoded again one file per task, so only the culprit is lost (and rejected).
+    Returns the attempt's shards and labels, scanned again."""
+    work = storage.join(folder, prefix)
+    reject_dir = storage.join(work, "rejects.d")
+    print(
+        f"[vitok.data] {len(missing)} file(s) lost with a decode task that died; decoding "
+        "them again one per task"
+    )
+    decoded_dir = storage.join(work, "decoded.d")
+    _decode_pass(cfg, missing, work, reject_dir, faults, progress=progress, retry=True)
+    shards, labels_seen, produced = _scan_all(folder, prefix)
+    decoded = set(storage.listdir(decoded_dir))
+    accounted = produced | _rejected_paths(reject_dir)
+    for it in missing:
+        if it["path"] in accounted:
+            continue
+        if _file_key(it["path"]) in decoded:  # decoded, then the write failed
+            raise RuntimeError(
+                f"prepare: writing the clips of {it['path']} to {work}/shards failed; "
+                "see the Ray Data log above"
+            )
+        _write_reject(
+            reject_dir,
+            it["path"],
+            "crashed: the decode task died on this file, alone and with others (its "
+            "worker was killed: out of memory, or a native crash)",
+        )
+    storage.delete(decoded_dir)
+    return shards, labels_seen
+
+
+def _write_rejects_table(reject_dir: str, work: str) -> tuple[list[dict[str, str]], str]:
+    """The per-file reject records gathered into ``work/rejects.csv`` (path, reason)."""
+    rejects = sorted(
+        (
+            storage.read_json(storage.join(reject_dir, n))
+            for n in storage.listdir(reject_dir)
+            if n.endswith(".json")
+        ),
+        key=lambda r: r["path"],
+    )
+    storage.delete(reject_dir)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["path", "reason"])
+    writer.writeheader()
+    writer.writerows(rejects)
+    rejects_uri = storage.join(work, "rejects.csv")
+    storage.write_text(rejects_uri, table.getvalue())
+    return rejects, rejects_uri
+
+
 def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedData:
     """Decode the sources of ``cfg`` into Parquet clip shards under the storage ``root``
     (``<root>/data/<hash>``), or reuse the committed ones (after checking their checksums).
@@ -495,48 +555,8 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
     accounted = produced | _rejected_paths(reject_dir)
     missing = [it for it in items if it["path"] not in accounted]
     if missing:
-        # Their decode task died (a worker killed: out of memory, a native crash) on both
-        # tries. Decode them again one file per task, so only the culprit is lost.
-        print(
-            f"[vitok.data] {len(missing)} file(s) lost with a decode task that died; decoding "
-            "them again one per task"
-        )
-        decoded_dir = storage.join(work, "decoded.d")
-        _decode_pass(cfg, missing, work, reject_dir, faults, progress=progress, retry=True)
-        shards, labels_seen, produced = _scan_all(folder, prefix)
-        decoded = set(storage.listdir(decoded_dir))
-        accounted = produced | _rejected_paths(reject_dir)
-        for it in missing:
-            if it["path"] in accounted:
-                continue
-            if _file_key(it["path"]) in decoded:  # decoded, then the write failed
-                raise RuntimeError(
-                    f"prepare: writing the clips of {it['path']} to {work}/shards failed; "
-                    "see the Ray Data log above"
-                )
-            _write_reject(
-                reject_dir,
-                it["path"],
-                "crashed: the decode task died on this file, alone and with others (its "
-                "worker was killed: out of memory, or a native crash)",
-            )
-        storage.delete(decoded_dir)
-
-    rejects = sorted(
-        (
-            storage.read_json(storage.join(reject_dir, n))
-            for n in storage.listdir(reject_dir)
-            if n.endswith(".json")
-        ),
-        key=lambda r: r["path"],
-    )
-    storage.delete(reject_dir)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["path", "reason"])
-    writer.writeheader()
-    writer.writerows(rejects)
-    rejects_uri = storage.join(work, "rejects.csv")
-    storage.write_text(rejects_uri, table.getvalue())
+        shards, labels_seen = _redecode_lost(cfg, missing, folder, prefix, faults, progress)
+    rejects, rejects_uri = _write_rejects_table(reject_dir, work)
     _check_reject_fraction(cfg, files, rejects, rejects_uri)
     rejected = {r["path"] for r in rejects}
     manifest = {
