@@ -636,21 +636,7 @@ def _write_report_files(
     lines += ["## All trials", "", markdown_table(rows, present), ""]
     if failed:
         lines += ["## Failed or stopped trials", "", markdown_table(failed, ["trial", "error"]), ""]
-    paper = []
-    for row in rows:
-        ref = paper_row(str(row.get("variant")), int(row.get("c", 0)), cfg.tokenizer.input_size)
-        if ref:
-            paper.append(
-                {
-                    "trial": row["trial"],
-                    "ours psnr": row.get("val/psnr"),
-                    "paper psnr": ref.get("psnr"),
-                    "ours ssim": row.get("val/ssim"),
-                    "paper ssim": ref.get("ssim"),
-                    "paper rFID": ref.get("rfid"),
-                    **generation_beside_paper(row, ref),
-                }
-            )
+    paper = _beside_paper(rows, cfg.tokenizer.input_size)
     lines += ["## The paper's findings", ""] + [f"- {k}: {v}" for k, v in FINDINGS.items()]
     if paper:
         lines += [
@@ -670,6 +656,26 @@ def _write_report_files(
         note = text if len(text) < 7500 else text[:7500] + "\n\n(cut: see report/report.md)"
         logger.set_tags({"mlflow.note.content": note})
     return fits
+
+
+def _beside_paper(rows: list[dict[str, Any]], input_size: Any) -> list[dict[str, Any]]:
+    """Our numbers next to the paper's, for the trials whose setup the paper reports."""
+    paper = []
+    for row in rows:
+        ref = paper_row(str(row.get("variant")), int(row.get("c", 0)), input_size)
+        if ref:
+            paper.append(
+                {
+                    "trial": row["trial"],
+                    "ours psnr": row.get("val/psnr"),
+                    "paper psnr": ref.get("psnr"),
+                    "ours ssim": row.get("val/ssim"),
+                    "paper ssim": ref.get("ssim"),
+                    "paper rFID": ref.get("rfid"),
+                    **generation_beside_paper(row, ref),
+                }
+            )
+    return paper
 
 
 def generation_beside_paper(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
