@@ -202,6 +202,24 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint_dir: str, model: Tokenize
     return info.model_uri
 
 
+def register_tokenizer(
+    uri: str,
+    run_id: str,
+    checkpoint_dir: str,
+    model: TokenizerConfig,
+    name: str,
+    tags: dict[str, Any],
+) -> str:
+    """Log the tokenizer as an MLflow model in ``run_id`` and register it as a new version
+    of ``name``; returns ``models:/<name>/<version>`` (loadable with
+    ``mlflow.pyfunc.load_model``)."""
+    import mlflow
+
+    model_uri = log_mlflow_model(uri, run_id, checkpoint_dir, model)
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return f"models:/{name}/{version.version}"
+
+
 # ----------------------------------------------------------------------------- stages
 @dataclass
 class TokenizerRun:
@@ -211,6 +229,11 @@ class TokenizerRun:
     checkpoint_dir: str
     metrics: dict[str, float]
     params: dict[str, Any]
+
+    @property
+    def work_s(self) -> float:
+        """Seconds in training steps and evaluation over both stages."""
+        return self.stage1.work_s + (self.stage2.work_s if self.stage2 else 0.0)
 
 
 def _datasets(prepared: PreparedData) -> dict[str, Any]:

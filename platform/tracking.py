@@ -46,6 +46,8 @@ class TrackingConfig:
     experiment: str = "vitok"
     enabled: bool = True
     system_metrics: bool = True
+    # A study registers its best tokenizer as a version of this MLflow model ("" = none).
+    registered_model: str = "vitok-tokenizer"
 
     def __post_init__(self) -> None:
         if not self.experiment:

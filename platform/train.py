@@ -214,6 +214,11 @@ class TrainResult:
     storage_dir: str
     run_id: str | None
 
+    @property
+    def work_s(self) -> float:
+        """Seconds spent in training steps and evaluation (the rest is start-up and I/O)."""
+        return self.metrics.get("time/train_s", 0.0) + self.metrics.get("time/eval_s", 0.0)
+
 
 # ----------------------------------------------------------------------------- optimizer parts
 SINGLE_PART = "model"
@@ -419,7 +424,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             exported["step"] = state["step"]
         return exported["state"]
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
+    # train_s / eval_s: seconds in training steps and in evaluation, summed over restarts;
+    # the study compares them with a trial's wall time (the rest is the platform's cost).
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "train_s": 0.0}
+    state["eval_s"] = 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -468,6 +476,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def evaluate() -> dict[str, float]:
         if job.make_evaluator is None:
             return {}
+        started = time.perf_counter()
+        try:
+            return _evaluate()
+        finally:
+            state["eval_s"] += time.perf_counter() - started
+
+    def _evaluate() -> dict[str, float]:
         evaluator = job.make_evaluator()
         eval_dtype = dtype
         root = model
@@ -515,6 +530,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if batches_seen <= skip:
                 continue  # fast-forward to the resumed position within this epoch
             step = state["step"]
+            started = time.perf_counter()
             if job.fail_once_at_step is not None and step == job.fail_once_at_step:
                 _fail_once(job, step)
             torch.manual_seed(_step_seed(cfg.seed, rank, step * cfg.grad_accum + micro))
@@ -528,6 +544,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine.backward(losses[part.name])
             for engine in engines:  # each clips and steps its own part
                 engine.step()
+            state["train_s"] += time.perf_counter() - started
             micro = (micro + 1) % cfg.grad_accum
             state["batch_in_epoch"] = batches_seen
             state["samples"] += cfg.batch_size * world
@@ -584,7 +601,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         break
 
     final = evaluate()
-    metrics = {**metrics, **final}
+    metrics = {**metrics, **final, "time/train_s": state["train_s"], "time/eval_s": state["eval_s"]}
     if rank == 0:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items())
         print(f"[vitok] {job.name} finished at step {state['step']}: {summary}", flush=True)
