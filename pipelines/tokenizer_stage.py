@@ -77,6 +77,9 @@ class MakeEvaluator:
 
 
 # ----------------------------------------------------------------------------- params
+SWEEP_AXES = ("E", "log2_E", "L", "c", "p", "q", "encoder_params_M", "decoder_params_M", "gflops")
+
+
 def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
     """What a run logs about its tokenizer: variant, p, q, c, E, L, sizes, params, FLOPs."""
     counts = param_counts(model)
@@ -275,8 +278,12 @@ def run_tokenizer(
         logger.log_params(params)
         logger.log_params({"config": to_dict(cfg)})
         logger.log_text(dump_config(cfg), "config.yaml")
+        # The sweep axes as metrics too: MLflow's scatter and parallel-coordinates charts
+        # plot metrics against metrics (x = axis/E, y = final/psnr for the E sweep).
+        axes = {f"axis/{k}": v for k, v in params.items() if k in SWEEP_AXES}
         logger.log_metrics(
             {
+                **axes,
                 "data/train_clips": prepared.num_train,
                 "data/val_clips": prepared.num_val,
                 "data/rejects": prepared.num_rejects,

@@ -450,6 +450,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = _PrefixedLogger(RunLogger(job.tracking.uri, job.run_id), job.metric_prefix)
         if job.tracking.system_metrics:
             monitor = logger.inner.start_system_metrics()
+        if state["step"]:  # the run's page says it restarted, and from where
+            logger.inner.set_tags({f"vitok.{job.metric_prefix}resumed_at_step": state["step"]})
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"vitok-ckpt-r{rank}-"))
