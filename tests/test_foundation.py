@@ -23,6 +23,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _check_layer(folder: str, allowed_prefixes: tuple[str, ...]) -> list[str]:
+    """Every import in ``folder`` that is not stdlib, torch, einops or under an allowed prefix."""
     bad = []
     for path in sorted((REPO / folder).rglob("*.py")):
         for name in _imports(path):
@@ -35,18 +36,22 @@ def _check_layer(folder: str, allowed_prefixes: tuple[str, ...]) -> list[str]:
     return bad
 
 
-def test_tokenizer_imports_only_torch_and_einops():
-    assert _check_layer("tokenizer", ("vitok.tokenizer",)) == []
+def test_layers_import_only_torch_einops_and_stdlib():
+    assert _check_layer("layers", ("vitok.layers",)) == []
 
 
-def test_generator_imports_only_torch_and_einops():
-    # The generator reuses the tokenizer's pure-torch transformer blocks (same Llama design)
-    # and its EMA (one warm-up EMA class for both models); nothing else of the tokenizer.
-    allowed = ("vitok.generator", "vitok.tokenizer.layers", "vitok.tokenizer.ema")
-    assert _check_layer("generator", allowed) == []
+def test_tokenizer_imports_only_torch_einops_stdlib_and_layers():
+    # Not the generator either: the models share vitok.layers, never each other.
+    assert _check_layer("tokenizer", ("vitok.tokenizer", "vitok.layers")) == []
 
 
-def test_platform_never_imports_models():
+def test_generator_imports_only_torch_einops_stdlib_and_layers():
+    # Not the tokenizer either: the models share vitok.layers, never each other.
+    assert _check_layer("generator", ("vitok.generator", "vitok.layers")) == []
+
+
+def test_platform_imports_no_model_package():
+    """platform/ is generic: no vitok import but its own (no tokenizer, generator, layers)."""
     bad = [b for b in _check_layer("platform", ("vitok.platform",)) if "vitok." in b]
     assert bad == []
 
@@ -68,8 +73,9 @@ def test_no_module_shadows_stdlib_platform():
 
 def test_importable_as_vitok_namespace():
     code = (
-        "from vitok.platform import config; import vitok.tokenizer, vitok.generator, "
-        "vitok.pipelines; from importlib.metadata import version; print(version('vitok'))"
+        "from vitok.platform import config; import vitok.layers, vitok.tokenizer, "
+        "vitok.generator, vitok.pipelines; from importlib.metadata import version; "
+        "print(version('vitok'))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True
@@ -101,12 +107,13 @@ def test_wheel_contains_every_python_folder(tmp_path):
     )
     (wheel,) = tmp_path.glob("vitok-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    mapping = {
-        "platform": "vitok/platform",
-        "tokenizer": "vitok/tokenizer",
-        "generator": "vitok/generator",
-        "pipelines": "vitok/pipelines",
-    }
+    from vitok.platform.runtime import PACKAGES
+
+    mapping = {folder: package.replace(".", "/") for package, folder in PACKAGES.items()}
+    # Every folder at the root with Python files is a listed package (tests/ is not shipped).
+    folders = {p.parent.name for p in REPO.glob("*/*.py")} - {"tests"}
+    folders = {f for f in folders if not f.startswith(".")}
+    assert folders == set(mapping)
     missing = []
     for folder, package in mapping.items():
         for path in (REPO / folder).rglob("*.py"):

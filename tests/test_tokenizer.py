@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vitok.layers import (
+    Attention,
+    Block,
+    apply_rope,
+    axial_rope,
+    grid_positions,
+    rope_from_positions,
+)
 from vitok.tokenizer import (
     SIZES,
     DiagonalGaussian,
@@ -17,14 +25,6 @@ from vitok.tokenizer import (
     unpatchify,
 )
 from vitok.tokenizer.config import PAPER_PARAMS_M
-from vitok.tokenizer.layers import (
-    Attention,
-    Block,
-    apply_rope,
-    axial_rope,
-    grid_positions,
-    rope_from_positions,
-)
 
 
 def _tiny(q: int, p: int, c: int, size: tuple[int, int, int]) -> ViTok:

@@ -10,19 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class ModelSize:
-    """A ViT trunk: width (token dim), depth (blocks) and attention heads."""
-
-    width: int
-    depth: int
-    heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
+from vitok.layers import ModelSize
 
 # The paper's sizes (S is wide and shallow; L is 1152 wide so head_dim 72 splits three ways),
 # plus small CPU sizes for tests and laptop demos (N < M < T).

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from vitok.layers import EMA
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.discriminator import Discriminator
-from vitok.tokenizer.ema import EMA
 from vitok.tokenizer.losses import (
     LossConfig,
     build_discriminator,
