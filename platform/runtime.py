@@ -15,6 +15,9 @@ unpickles anything::
         ...
         ray.init(runtime_env=ray_runtime_env())
 
+The entry points in ``pipelines/`` get the first call from their first vitok import,
+``vitok.pipelines.cli``, which calls it before it loads anything else.
+
 Outside a Ray job (no repo on ``PYTHONPATH``) both are no-ops: the installed copy is the code.
 """
 
@@ -97,12 +100,19 @@ def _loaded(prefixes: tuple[str, ...]) -> list[str]:
     ]
 
 
-def use_shipped_code(root: Path | str | None = None) -> Path | None:
+def use_shipped_code(
+    root: Path | str | None = None, *, importing: str | None = None
+) -> Path | None:
     """Map the ``vitok.*`` packages (``PACKAGES``) onto ``root`` (default: the job's).
 
     Returns the root in use, or None when there is nothing to map (no repo on PYTHONPATH).
     Idempotent. Raises ``RuntimeError`` when a vitok module other than this one was already
     imported from another copy: that module would be stale, so the caller must call this first.
+
+    ``importing`` names the module that calls this while it is itself being imported (the
+    entry points' launcher, ``vitok.pipelines.cli``). That module keeps its ``sys.modules``
+    entry, as its import is still under way; it comes from whichever copy was found first,
+    so it must hold no logic of its own.
     """
     root = Path(root).resolve() if root is not None else shipped_root()
     if root is None:
@@ -112,8 +122,8 @@ def use_shipped_code(root: Path | str | None = None) -> Path | None:
             return root
     stale = []
     for name in _loaded(tuple(PACKAGES)):
-        if name == __name__ or name in PACKAGES:
-            continue  # this module (already running) and the package objects are replaced
+        if name in (__name__, importing) or name in PACKAGES:
+            continue  # the modules already running, and the package objects (replaced)
         folder = root / PACKAGES[".".join(name.split(".")[:2])]
         if not all(p.is_relative_to(folder) for p in _origin(sys.modules[name])):
             stale.append(f"{name} ({sys.modules[name].__file__})")
@@ -125,7 +135,8 @@ def use_shipped_code(root: Path | str | None = None) -> Path | None:
         )
     for name in _loaded(tuple(PACKAGES)):
         # Re-imported from root on next use; this running function needs no module entry.
-        del sys.modules[name]
+        if name != importing:
+            del sys.modules[name]
     vitok = sys.modules.get("vitok")
     for attr in (name.removeprefix("vitok.") for name in PACKAGES):
         if vitok is not None and hasattr(vitok, attr):
