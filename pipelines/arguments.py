@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
+from typing import Protocol
 
 from vitok.pipelines.experiment import ExperimentConfig
 from vitok.pipelines.presets import PRESETS, preset
@@ -88,22 +90,26 @@ def config_from_args(
         parser.error(str(err))  # exits with status 2
 
 
-def print_run_summary(
-    title: str,
-    metrics: dict[str, float],
-    checkpoint_dir: str,
-    run_id: str | None,
-    tracking_uri: str | None,
-) -> None:
-    """The closing lines of a training entry point: metrics, checkpoint, where to look."""
-    width = max([16, *(len(k) for k in metrics)])
+class TrainedRun(Protocol):
+    """What a training stage returns, as far as its summary goes."""
+
+    metrics: dict[str, float]
+    checkpoint_dir: str
+    run_id: str | None
+
+
+def print_run_summary(what: str, run: TrainedRun, tracking_uri: str | None, started: float) -> None:
+    """The closing lines of a training entry point: what was trained and how long it took
+    (since ``started``, a ``time.perf_counter()``), metrics, checkpoint, where to look."""
+    minutes = (time.perf_counter() - started) / 60
+    width = max([16, *(len(k) for k in run.metrics)])
     print()
-    print(f"[vitok] {title}")
-    for key, value in sorted(metrics.items()):
+    print(f"[vitok] {what} trained in {minutes:.1f} min")
+    for key, value in sorted(run.metrics.items()):
         print(f"  {key:<{width}} {value:.4f}")
-    print(f"  {'checkpoint':<{width}} {checkpoint_dir}")
-    if run_id:
-        print(f"  {'mlflow run':<{width}} {run_id}")
+    print(f"  {'checkpoint':<{width}} {run.checkpoint_dir}")
+    if run.run_id:
+        print(f"  {'mlflow run':<{width}} {run.run_id}")
         print(
             f"  {'browse with':<{width}} mlflow ui --backend-store-uri {resolve_uri(tracking_uri)}"
         )

@@ -92,12 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         run_name=args.name,
         tokenizer_run_id=tokenizer_run_id,
     )
-    minutes = (time.perf_counter() - t0) / 60
-    title = (
+    what = (
         f"DiT-{cfg.generator.size} on {cfg.tokenizer.variant} latents "
-        f"{tuple(run.latents.latent_shape)} trained in {minutes:.1f} min"
+        f"{tuple(run.latents.latent_shape)}"
     )
-    print_run_summary(title, run.metrics, run.checkpoint_dir, run.run_id, cfg.tracking.uri)
+    print_run_summary(what, run, cfg.tracking.uri, started=t0)
     return 0
 
 

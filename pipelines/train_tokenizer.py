@@ -30,12 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray()
     prepared = prepare(cfg.data, cfg.storage.uri)
     run = run_tokenizer(cfg, prepared, log_model=not args.no_model)
-    minutes = (time.perf_counter() - t0) / 60
-    title = (
-        f"{cfg.tokenizer.variant} c={cfg.tokenizer.channels} E={cfg.tokenizer.latent_floats} "
-        f"trained in {minutes:.1f} min"
-    )
-    print_run_summary(title, run.metrics, run.checkpoint_dir, run.run_id, cfg.tracking.uri)
+    tok = cfg.tokenizer
+    what = f"{tok.variant} c={tok.channels} E={tok.latent_floats}"
+    print_run_summary(what, run, cfg.tracking.uri, started=t0)
     return 0
 
 

@@ -48,6 +48,11 @@ _DOWN_LOCK = threading.Lock()
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
+def _say(message: str) -> None:
+    """One line to stderr at once (a warning is read while training goes on)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class RunLogger:
     """Logs to one existing run through the client API, and survives the server going away.
 
@@ -201,21 +206,17 @@ class RunLogger:
         self.spool.close(remove=not keep)
         spool = str(self.spool.path) if keep else None
         if pending:
-            print(
+            _say(
                 f"[vitok.tracking] WARNING: run {self.run_id}: could not log "
                 f"{tracking_spool.describe(pending)} to {self.uri} within {timeout_s:.0f} s. "
                 f"They are kept at {spool} and are sent by the next vitok logger for this "
                 "tracking server on this node, or now with: python -m "
                 f"vitok.platform.tracking_spool replay {spool}",
-                file=sys.stderr,
-                flush=True,
             )
         if failed:
-            print(
+            _say(
                 f"[vitok.tracking] WARNING: run {self.run_id}: MLflow refused "
                 f"{tracking_spool.describe(failed)} (errors in {spool}/failed.jsonl)",
-                file=sys.stderr,
-                flush=True,
             )
         return {"pending": pending, "failed": failed, "spool": spool}
 
@@ -358,21 +359,17 @@ class RunLogger:
         self._failed.append(record)
         self.spool.fail(record, short_error(err))
         what = tracking_spool.describe(tracking_spool.count_items([record]))
-        print(
+        _say(
             f"[vitok.tracking] WARNING: MLflow refused {what} for run {record['run']}: "
             f"{short_error(err)}",
-            file=sys.stderr,
-            flush=True,
         )
 
     def _spool_failed(self, err: BaseException) -> None:
         if self._spool_ok:
             self._spool_ok = False
-            print(
+            _say(
                 f"[vitok.tracking] WARNING: cannot write the spool {self.spool.path} "
                 f"({short_error(err)}); queued records are kept in memory only",
-                file=sys.stderr,
-                flush=True,
             )
 
     def _went_down(self, err: BaseException) -> None:
@@ -380,25 +377,21 @@ class RunLogger:
             if self.uri in _DOWN:
                 return
             _DOWN[self.uri] = time.monotonic()
-        print(
+        _say(
             f"[vitok.tracking] WARNING: MLflow at {self.uri} is unreachable ({short_error(err)}). "
             "Training goes on: metrics, params, tags and artifacts are queued in memory and "
             f"under {self.spool.root}, retried in the background and sent in order when it "
             "is back.",
-            file=sys.stderr,
-            flush=True,
         )
 
     def _came_back(self) -> None:
         with _DOWN_LOCK:
             since = _DOWN.pop(self.uri, None)
         if since is not None:
-            print(
+            _say(
                 f"[vitok.tracking] MLflow at {self.uri} is back after "
                 f"{time.monotonic() - since:.0f} s; sending what was queued "
                 f"({tracking_spool.describe(self.pending())})",
-                file=sys.stderr,
-                flush=True,
             )
 
     def _adopt_orphans(self) -> None:

@@ -23,9 +23,6 @@ SIZES: dict[str, ModelSize] = {
     "L": ModelSize(width=1152, depth=24, heads=16),
 }
 
-# Parameter counts (millions) from the paper's table, for the tests.
-PAPER_PARAMS_M: dict[str, float] = {"S": 43.3, "B": 85.8, "L": 383.7}
-
 _VARIANT = re.compile(r"^([A-Za-z]+)-([A-Za-z]+)/(?:(\d+)x)?(\d+)$")
 VARIANT_FORM = "'{enc}-{dec}/{q}x{p}' or '{enc}-{dec}/{p}', e.g. 'S-B/4x8' or 'S-B/16'"
 
