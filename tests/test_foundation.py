@@ -174,3 +174,12 @@ def test_wheel_contains_every_python_folder(tmp_path):
                 missing.append(inside)
     assert missing == []
     assert not any(n.startswith("vitok/__init__") for n in names)  # vitok stays a namespace
+
+
+def test_architecture_page_names_every_package():
+    """ARCHITECTURE.md's layer table lists each folder the boundary tests above check."""
+    from vitok.platform.runtime import PACKAGES
+
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    for package, folder in PACKAGES.items():
+        assert f"| `{folder}/` | `{package}` |" in text, folder
