@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from vitok.pipelines.experiment import ExperimentConfig
+from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.presets import PRESETS, preset
 from vitok.platform.config import apply_overrides, from_yaml
 from vitok.platform.tracking import resolve_uri
@@ -88,6 +88,13 @@ def config_from_args(
         return with_data(resolve_config(args, preset(default_preset), preset), args.data)
     except ValueError as err:
         parser.error(str(err))  # exits with status 2
+
+
+def show_config(args: argparse.Namespace, cfg: ExperimentConfig) -> bool:
+    """``--print-config``: print the resolved YAML; True when the caller should stop there."""
+    if args.print_config:
+        print(dump_config(cfg))
+    return bool(args.print_config)
 
 
 class TrainedRun(Protocol):

@@ -41,6 +41,7 @@ config_from_args = _arguments.config_from_args
 config_parser = _arguments.config_parser
 print_run_summary = _arguments.print_run_summary
 resolve_config = _arguments.resolve_config
+show_config = _arguments.show_config
 with_data = _arguments.with_data
 
 __all__ = [
@@ -55,5 +56,6 @@ __all__ = [
     "preset",
     "print_run_summary",
     "resolve_config",
+    "show_config",
     "with_data",
 ]

@@ -23,10 +23,10 @@ from vitok.pipelines.cli import (
     ExperimentConfig,
     config_from_args,
     config_parser,
-    dump_config,
     preset,
     print_run_summary,
     resolve_config,
+    show_config,
     with_data,
 )
 from vitok.pipelines.generator_stage import run_generator
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.generator_train is None:
         print("[vitok] no generator_train section: using the tokenizer's train settings")
         cfg = dataclasses.replace(cfg, generator_train=cfg.train)
-    if args.print_config:
-        print(dump_config(cfg))
+    if show_config(args, cfg):
         return 0
 
     t0 = time.perf_counter()

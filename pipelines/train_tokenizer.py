@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from vitok.pipelines.cli import config_from_args, config_parser, dump_config, print_run_summary
+from vitok.pipelines.cli import config_from_args, config_parser, print_run_summary, show_config
 from vitok.pipelines.tokenizer_stage import run_tokenizer
 from vitok.platform.data import ensure_ray, prepare
 
@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-model", action="store_true", help="skip logging an MLflow model")
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args, "tokenizer-demo")
-    if args.print_config:
-        print(dump_config(cfg))
+    if show_config(args, cfg):
         return 0
     t0 = time.perf_counter()
     ensure_ray()
