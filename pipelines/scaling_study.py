@@ -16,47 +16,43 @@ logged to the parent run and written to the study folder.
 
 from __future__ import annotations
 
-from vitok.platform.runtime import use_shipped_code
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from vitok.pipelines.experiment import (  # noqa: E402
+from vitok.pipelines.cli import (
     ExperimentConfig,
     add_config_arguments,
     dump_config,
     resolve_config,
 )
-from vitok.pipelines.paper import FINDINGS, paper_row  # noqa: E402
-from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
-from vitok.pipelines.search import parse_objective, trial_name  # noqa: E402
-from vitok.platform import storage  # noqa: E402
-from vitok.platform.config import apply_overrides, to_yaml  # noqa: E402
-from vitok.platform.data import ensure_ray  # noqa: E402
-from vitok.platform.report import (  # noqa: E402
+from vitok.pipelines.paper import FINDINGS, paper_row
+from vitok.pipelines.presets import PRESETS, preset
+from vitok.pipelines.search import parse_objective, trial_name
+from vitok.platform import storage
+from vitok.platform.config import apply_overrides, to_yaml
+from vitok.platform.data import ensure_ray
+from vitok.platform.report import (
     console_table,
     markdown_table,
     scaling_figure,
     write_csv,
 )
-from vitok.platform.study import (  # noqa: E402
+from vitok.platform.study import (
     FINISHED,
     StudyStore,
     report_to_tune_callback,
     seeded_optuna_storage,
     study_progress,
 )
-from vitok.platform.tracking import RunLogger, resolve_uri, start_run  # noqa: E402
+from vitok.platform.tracking import RunLogger, resolve_uri, start_run
 
 RECON_METRICS = ("psnr", "ssim", "lpips", "fid", "fvd")
 
