@@ -38,7 +38,7 @@ from vitok.generator.dit import DiT
 from vitok.generator.task import load_generator
 from vitok.pipelines.tokenizer_stage import load_tokenizer
 from vitok.platform.data import to_model_input
-from vitok.platform.latents import LatentStats
+from vitok.platform.latents import LatentStats, pool_tokens
 from vitok.platform.metrics import (
     I3D_ENV,
     INCEPTION_ENV,
@@ -121,9 +121,9 @@ def generate(
 
 
 def latent_features(latents: torch.Tensor) -> torch.Tensor:
-    """(N, t, h, w, c) -> (N, c): the mean over the latent tokens (the Frechet feature, as
-    ``vitok.platform.latents.pool_tokens``)."""
-    return latents.float().flatten(1, -2).mean(dim=1)  # (N, c)
+    """(N, t, h, w, c) -> (N, c): the mean over the latent tokens (the Frechet feature; the
+    real side's is ``vitok.platform.latents.pool_tokens`` of the stored latents)."""
+    return torch.from_numpy(pool_tokens(latents.detach().cpu().numpy()))
 
 
 # ----------------------------------------------------------------------------- the workers

@@ -50,6 +50,7 @@ from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_dataset, to_model_input
 from vitok.platform.latents import LatentSet, LatentStats, extract_latents
+from vitok.platform.metrics import to_uint8
 from vitok.platform.tracking import RunLogger, start_run
 from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_training
 from vitok.tokenizer.config import TokenizerConfig
@@ -157,10 +158,6 @@ def latents_for(
     )
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
 def log_samples(
     logger: RunLogger, clips: torch.Tensor, labels: list[int], names: list[str], fps: float
 ) -> None:
@@ -173,7 +170,7 @@ def log_samples(
 
     from vitok.platform.media import encode_video
 
-    frames = _to_uint8(clips)  # (N, T, H, W, 3)
+    frames = to_uint8(clips).cpu().numpy()  # (N, T, H, W, 3)
     step = max(1, frames.shape[1] // 8)
     grid = np.concatenate(
         [np.concatenate(list(clip[::step][:8]), axis=1) for clip in frames], axis=0

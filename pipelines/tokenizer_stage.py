@@ -18,7 +18,7 @@ from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_dataset, to_model_input
-from vitok.platform.metrics import MetricsConfig, ReconstructionMetrics
+from vitok.platform.metrics import MetricsConfig, ReconstructionMetrics, to_uint8
 from vitok.platform.tracking import RunLogger, start_run
 from vitok.platform.train import (
     CheckpointWeights,
@@ -34,6 +34,7 @@ from vitok.tokenizer.flops import forward_flops, param_counts
 from vitok.tokenizer.losses import LossConfig, build_lpips
 from vitok.tokenizer.model import ViTok
 from vitok.tokenizer.task import TokenizerTask
+from vitok.tokenizer.task import load_tokenizer as tokenizer_from_state
 
 
 # ----------------------------------------------------------------------------- worker pieces
@@ -107,22 +108,8 @@ def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
 def load_tokenizer(checkpoint_dir: str | Path, model: TokenizerConfig) -> ViTok:
     """The tokenizer from a training checkpoint (a folder or URI; stage 2: with the decoder's
     EMA)."""
-    state = load_model_state(checkpoint_dir)
-    tokenizer = ViTok(model)
-    if any(k.startswith("tokenizer.") for k in state):
-        state = {
-            k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")
-        }
-    tokenizer.load_state_dict(state)
-    extra = load_task_state(checkpoint_dir)
-    if extra:
-        shadow = extra.get("ema", {}).get("shadow")
-        if shadow and extra["ema"].get("num_updates", 0) > 0:
-            own = dict(tokenizer.named_parameters())
-            with torch.no_grad():
-                for name, value in shadow.items():
-                    own[name].copy_(value)
-    return tokenizer.eval()
+    state, extra = load_model_state(checkpoint_dir), load_task_state(checkpoint_dir)
+    return tokenizer_from_state(state, model, extra)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -135,10 +122,6 @@ def reconstruction_grid(clips: np.ndarray, recons: np.ndarray, max_frames: int =
         rows.append(np.concatenate(list(clips[i, ::step][:max_frames]), axis=1))  # (H, F*W, 3)
         rows.append(np.concatenate(list(recons[i, ::step][:max_frames]), axis=1))
     return np.concatenate(rows, axis=0)
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
 def log_reconstructions(
@@ -162,7 +145,7 @@ def log_reconstructions(
     x = to_model_input(torch.from_numpy(np.array(batch["clip"])), crop=crop, flip=False)
     with torch.no_grad():
         recon, _ = tokenizer(x, sample=False)
-    clips, recons = _to_uint8(x), _to_uint8(recon)
+    clips, recons = to_uint8(x).cpu().numpy(), to_uint8(recon).cpu().numpy()
     grid = reconstruction_grid(clips, recons)
     fig, ax = plt.subplots(figsize=(min(16, grid.shape[1] / 40), min(16, grid.shape[0] / 40)))
     ax.imshow(grid)
