@@ -10,6 +10,7 @@ Batches are ``{"z": (B, t, h, w, c) float, normalised latents, "label": (B,) int
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,20 @@ def load_generator(
     latent_channels: int,
     extra_state: Mapping[str, Any] | None = None,
 ) -> DiT:
-    """A DiT from saved weights; with ``extra_state`` holding an updated EMA, its average."""
+    """A DiT from saved weights; with ``extra_state`` holding an updated EMA, its average.
+    Checkpoints from before the blocks owned their layers (``blocks.N.block.attn...``) load
+    under today's names (``blocks.N.attn...``)."""
     dit = DiT(cfg, latent_channels)
-    dit.load_state_dict(dict(model_state))
-    load_average(dit, (extra_state or {}).get("ema"))
+    dit.load_state_dict(_current_names(model_state))
+    ema = dict((extra_state or {}).get("ema") or {})
+    if ema.get("shadow"):
+        ema["shadow"] = _current_names(ema["shadow"])
+    load_average(dit, ema or None)
     return dit.eval()
+
+
+_OLD_BLOCK = re.compile(r"^(blocks\.\d+\.)block\.")
+
+
+def _current_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {_OLD_BLOCK.sub(r"\1", k): v for k, v in state.items()}

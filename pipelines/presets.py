@@ -95,7 +95,7 @@ def smoke_study() -> ExperimentConfig:
 def demo() -> ExperimentConfig:
     """The default study on a 2-core laptop (under 10 minutes): the paper's reconstruction
     findings on real video. An E sweep over c at fixed L, and an encoder and a decoder sweep
-    at fixed E (9 tokenizers, two at a time); no generator (add one with ``--set
+    at fixed E (8 tokenizers, two at a time); no generator (add one with ``--set
     generator_train.steps=60``, or see the ``smoke-study`` preset for the whole path).
 
     Sizes measured on a 2-core machine, not guessed:
@@ -122,7 +122,7 @@ def demo() -> ExperimentConfig:
     return ExperimentConfig(
         name="demo",
         data=data,
-        tokenizer=tokenizer_for(data, "M-M/2x4", channels=8),
+        tokenizer=tokenizer_for(data, "M-M/2x4", channels=4),
         loss=NO_LPIPS,
         train=TrainConfig(
             steps=600,
@@ -140,9 +140,9 @@ def demo() -> ExperimentConfig:
         search=SearchConfig(
             mode="grid",
             sweeps=(
-                "c=2,4,8,16,32",  # the E sweep (L = 256 tokens; E = 512 .. 8192)
-                "encoder=N,T",  # encoder sweep at fixed E (c = 8), with M
-                "decoder=N,T",  # decoder sweep at fixed E (c = 8), with M
+                "c=1,2,4,8",  # the E sweep (L = 256 tokens; E = 256 .. 2048)
+                "encoder=N,T",  # encoder sweep at fixed E (c = 4), with M
+                "decoder=N,T",  # decoder sweep at fixed E (c = 4), with M
             ),
             objectives=("psnr:max",),
             num_samples=8,

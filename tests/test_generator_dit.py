@@ -149,3 +149,28 @@ def test_bf16_model_takes_float32_latents():
     out = model(z, torch.tensor([1, 2]), torch.tensor([0, 1]))
     assert out.dtype == torch.bfloat16 and out.shape == z.shape
     assert torch.isfinite(out.float()).all()
+
+
+def test_a_checkpoint_with_the_old_block_names_loads_unchanged():
+    """Before the DiT blocks owned their layers, a block's attention, MLP and norms sat
+    under ``blocks.N.block.``; such a checkpoint (and its EMA) loads to the same weights."""
+    import re
+
+    from vitok.generator.config import GeneratorConfig
+    from vitok.generator.dit import DiT
+    from vitok.generator.task import load_generator
+
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(size="N", num_classes=3)
+    state = DiT(cfg, 4).state_dict()
+    old = {
+        re.sub(r"^(blocks\.\d+\.)(?!adaLN)", r"\1block.", k): v.clone() for k, v in state.items()
+    }
+    assert any(".block.attn." in k for k in old) and old.keys() != state.keys()
+    shadow = {k: v + 1 for k, v in old.items() if ".block.mlp." in k}
+    dit = load_generator(old, cfg, 4, {"ema": {"shadow": shadow, "num_updates": 3}})
+    for name, value in dit.state_dict().items():
+        expected = (
+            state[name] + 1 if ".mlp." in name and name.startswith("blocks.") else state[name]
+        )
+        assert torch.equal(value, expected), name
