@@ -79,9 +79,6 @@ def _row(name: str, method: str, clips: float, seconds: float, in_mb: float, out
 def bench_data(args: argparse.Namespace) -> None:
     import ray
 
-    from vitok.platform.data import DataConfig, prepare
-    from vitok.platform.sources import list_sources
-
     if not ray.is_initialized():
         ray.init(
             address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
@@ -104,72 +101,84 @@ def bench_data(args: argparse.Namespace) -> None:
         f"{'source':<10} {'method':<26} {'clips':>7} {'seconds':>8} {'clips/s':>9} "
         f"{'in MB/s':>10} {'out MB/s':>11}"
     )
-    notes = []
     for source in args.sources.split(","):
-        cfg = DataConfig(
-            sources=(source,),
-            frames=args.frames,
-            fps=args.fps,
-            size=(args.size, args.size),
-            clips_per_video=args.clips_per_video,
-            synthetic_videos=args.synthetic_videos,
-        )
-        root = str((work / f"ray-{source}").resolve())
-        files, _ = list_sources(cfg, f"{root}/data")  # renders synthetic (as prepare would)
-        in_mb = sum(os.path.getsize(f.path) for f in files) / 1e6
-        clip_mb = args.frames * args.size * args.size * 3 / 1e6
-
-        t = time.perf_counter()
-        prepared = prepare(cfg, root, progress=False)
-        seconds = time.perf_counter() - t
-        n = prepared.num_train + prepared.num_val
-        _row(source, "ray data (prepare)", n, seconds, in_mb, n * clip_mb)
-
-        # The same with each file decoded in the task's own process (no timeout, no
-        # protection from a hung or crashing decoder): what the isolation costs.
-        in_process = dataclasses.replace(cfg, decode_timeout_s=0.0)
-        t = time.perf_counter()
-        inproc_root = str((work / f"ray-inproc-{source}").resolve())
-        prepared = prepare(in_process, inproc_root, progress=False)
-        seconds = time.perf_counter() - t
-        n = prepared.num_train + prepared.num_val
-        _row(source, "prepare, in-process decode", n, seconds, in_mb, n * clip_mb)
-
-        t = time.perf_counter()
-        n_plain = _plain_loop(files, cfg.clip_spec(), work / f"plain-{source}")
-        seconds = time.perf_counter() - t
-        _row(source, "plain PyAV loop (1 proc)", n_plain, seconds, in_mb, n_plain * clip_mb)
-
-        spec, timeout = cfg.clip_spec(), cfg.decode_timeout_s
-        _plain_loop(files[:1], spec, work / f"isolated-warm-{source}", timeout)  # child up
-        t = time.perf_counter()
-        n_iso = _plain_loop(files, spec, work / f"isolated-{source}", timeout)
-        seconds = time.perf_counter() - t
-        _row(source, "same, isolated decoder", n_iso, seconds, in_mb, n_iso * clip_mb)
-
-        if has_decord:
-            t = time.perf_counter()
-            ds = ray.data.read_videos(
-                [f.path for f in files], fps=round(args.fps), resize=(args.size, args.size)
-            )
-            frames = ds.count()
-            seconds = time.perf_counter() - t
-            equiv = frames / args.frames
-            _row(source, "read_videos (frames/T)", equiv, seconds, in_mb, equiv * clip_mb)
+        _bench_source(args, source, work, has_decord)
     if not has_decord:
-        notes.append(
-            "ray.data.read_videos: skipped, decord is not installed (pip install decord); it "
-            "yields single frames (stride round(src/target fps), squashing resize), not clips"
+        print(
+            "note: ray.data.read_videos: skipped, decord is not installed (pip install "
+            "decord); it yields single frames (stride round(src/target fps), squashing "
+            "resize), not clips"
         )
     else:
-        notes.append(
-            "read_videos yields single frames (integer stride, squashing resize, every file "
-            "decoded in full): 'clips' = frames / T, no clip assembly, no Parquet write"
+        print(
+            "note: read_videos yields single frames (integer stride, squashing resize, every "
+            "file decoded in full): 'clips' = frames / T, no clip assembly, no Parquet write"
         )
-    for note in notes:
-        print("note:", note)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_source(args: argparse.Namespace, source: str, work: Path, has_decord: bool) -> None:
+    """One source, five ways: prepare (isolated and in-process decode), a plain PyAV loop
+    (in-process and isolated), and Ray Data's read_videos when decord is installed."""
+    import ray
+
+    from vitok.platform.data import DataConfig, prepare
+    from vitok.platform.sources import list_sources
+
+    cfg = DataConfig(
+        sources=(source,),
+        frames=args.frames,
+        fps=args.fps,
+        size=(args.size, args.size),
+        clips_per_video=args.clips_per_video,
+        synthetic_videos=args.synthetic_videos,
+    )
+    root = str((work / f"ray-{source}").resolve())
+    files, _ = list_sources(cfg, f"{root}/data")  # renders synthetic (as prepare would)
+    in_mb = sum(os.path.getsize(f.path) for f in files) / 1e6
+    clip_mb = args.frames * args.size * args.size * 3 / 1e6
+
+    # Each file decoded in an isolated child (as prepare does), then in the task's own
+    # process (no timeout, no protection from a hung or crashing decoder): what isolation costs.
+    for method, run_cfg, folder in (
+        ("ray data (prepare)", cfg, f"ray-{source}"),
+        (
+            "prepare, in-process decode",
+            dataclasses.replace(cfg, decode_timeout_s=0.0),
+            f"ray-inproc-{source}",
+        ),
+    ):
+        t = time.perf_counter()
+        prepared = prepare(run_cfg, str((work / folder).resolve()), progress=False)
+        n = prepared.num_train + prepared.num_val
+        _row(source, method, n, time.perf_counter() - t, in_mb, n * clip_mb)
+
+    spec, timeout = cfg.clip_spec(), cfg.decode_timeout_s
+    t = time.perf_counter()
+    n_plain = _plain_loop(files, spec, work / f"plain-{source}")
+    _row(
+        source,
+        "plain PyAV loop (1 proc)",
+        n_plain,
+        time.perf_counter() - t,
+        in_mb,
+        n_plain * clip_mb,
+    )
+    _plain_loop(files[:1], spec, work / f"isolated-warm-{source}", timeout)  # child up
+    t = time.perf_counter()
+    n_iso = _plain_loop(files, spec, work / f"isolated-{source}", timeout)
+    _row(source, "same, isolated decoder", n_iso, time.perf_counter() - t, in_mb, n_iso * clip_mb)
+
+    if has_decord:
+        t = time.perf_counter()
+        ds = ray.data.read_videos(
+            [f.path for f in files], fps=round(args.fps), resize=(args.size, args.size)
+        )
+        equiv = ds.count() / args.frames
+        _row(
+            source, "read_videos (frames/T)", equiv, time.perf_counter() - t, in_mb, equiv * clip_mb
+        )
 
 
 # ----------------------------------------------------------------------------- train

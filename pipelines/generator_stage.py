@@ -242,56 +242,19 @@ def run_generator(
     tokenizer_checkpoint = storage.resolve_root(str(tokenizer_checkpoint))
     name = run_name or f"{cfg.name}-generator"
     out_dir = run_dir or cfg.run_dir(name)
-    tags = {
-        "vitok.kind": "generator",
-        "vitok.variant": cfg.tokenizer.variant,
-        "vitok.tokenizer_checkpoint": tokenizer_checkpoint,
-    }
-    if tokenizer_run_id:
-        tags["vitok.tokenizer_run_id"] = tokenizer_run_id
-    run_id = start_run(
-        cfg.tracking,
-        name,
-        resume_file=storage.join(out_dir, "mlflow_run_id"),
-        parent_run_id=parent_run_id,
-        tags=tags,
+    run_id = _start_generator_run(
+        cfg, name, out_dir, parent_run_id, tokenizer_checkpoint, tokenizer_run_id
     )
     logger = RunLogger(cfg.tracking.uri, run_id) if run_id else None
     try:
-        crop = cfg.data.crop
+        latent_dir = storage.join(out_dir, "latents")
         latent_set = latents_for(
-            prepared,
-            tokenizer_checkpoint,
-            cfg.tokenizer,
-            crop,
-            storage.join(out_dir, "latents"),
-            train,
+            prepared, tokenizer_checkpoint, cfg.tokenizer, cfg.data.crop, latent_dir, train
         )
-        latent_shape = latent_set.latent_shape  # (t, h, w, c)
-        channels = latent_shape[-1]
-        task = GeneratorTask(cfg.generator, channels)
-        dit_params = sum(p.numel() for p in DiT(cfg.generator, channels).parameters())
-        params = {
-            "generator_size": cfg.generator.size,
-            "generator_params_M": dit_params / 1e6,
-            "latent_shape": list(latent_shape),
-            "L": int(np.prod(latent_shape[:-1])),
-            "c": channels,
-            "E": int(np.prod(latent_shape)),
-            "tokenizer_variant": cfg.tokenizer.variant,
-            "tokenizer_checkpoint": tokenizer_checkpoint,
-            "data_hash": prepared.config_hash,
-            "latents_dir": str(latent_set.root),
-            "gen_samples": cfg.metrics.gen_samples,  # behind every generation metric
-        }
+        task = GeneratorTask(cfg.generator, latent_set.latent_shape[-1])
+        params = generator_params(cfg, prepared, latent_set, tokenizer_checkpoint)
         if logger:
-            logger.log_params(params)
-            logger.log_params(
-                {"generator": to_dict(cfg.generator), "generator_train": to_dict(train)}
-            )
-            logger.log_text(dump_config(cfg), "config.yaml")
-            logger.log_dict(dataclasses.asdict(latent_set.stats), "latents/latent_stats.json")
-            logger.log_metrics({f"latents/{s}": n for s, n in latent_set.counts.items()})
+            _log_setup(logger, cfg, params, latent_set)
 
         datasets = {split: latent_set.dataset(split) for split in latent_set.splits}
         job = TrainJob(
@@ -309,16 +272,11 @@ def run_generator(
         result = run_training(job, datasets, storage_path=storage.join(out_dir, "ray"))
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
         eval_started = time.perf_counter()
-        metrics.update(
-            evaluate_generation(
-                cfg,
-                prepared,
-                result.checkpoint_dir,
-                tokenizer_checkpoint,
-                latent_set,
-                logger=logger,
-            )
+        ckpt = result.checkpoint_dir
+        gen = evaluate_generation(
+            cfg, prepared, ckpt, tokenizer_checkpoint, latent_set, logger=logger
         )
+        metrics.update(gen)
         eval_s = time.perf_counter() - eval_started
         if logger:
             logger.log_metrics({f"final/{k.split('/', 1)[-1]}": v for k, v in metrics.items()})
@@ -331,6 +289,67 @@ def run_generator(
     return GeneratorRun(
         run_id, result.checkpoint_dir, metrics, result, latent_set, params, eval_s=eval_s
     )
+
+
+def generator_params(
+    cfg: ExperimentConfig, prepared: PreparedData, latent_set: LatentSet, tokenizer_checkpoint: str
+) -> dict[str, Any]:
+    """What a generator run logs: its size and parameters, the latent grid (L, c, E) and
+    where its tokenizer, data and latents are."""
+    latent_shape = latent_set.latent_shape  # (t, h, w, c)
+    channels = latent_shape[-1]
+    dit_params = sum(p.numel() for p in DiT(cfg.generator, channels).parameters())
+    return {
+        "generator_size": cfg.generator.size,
+        "generator_params_M": dit_params / 1e6,
+        "latent_shape": list(latent_shape),
+        "L": int(np.prod(latent_shape[:-1])),
+        "c": channels,
+        "E": int(np.prod(latent_shape)),
+        "tokenizer_variant": cfg.tokenizer.variant,
+        "tokenizer_checkpoint": tokenizer_checkpoint,
+        "data_hash": prepared.config_hash,
+        "latents_dir": str(latent_set.root),
+        "gen_samples": cfg.metrics.gen_samples,  # behind every generation metric
+    }
+
+
+def _start_generator_run(
+    cfg: ExperimentConfig,
+    name: str,
+    out_dir: str,
+    parent_run_id: str | None,
+    tokenizer_checkpoint: str,
+    tokenizer_run_id: str | None,
+) -> str | None:
+    """The generator's MLflow run (resumed when ``out_dir`` holds its id), tagged with the
+    tokenizer it stands on."""
+    tags = {
+        "vitok.kind": "generator",
+        "vitok.variant": cfg.tokenizer.variant,
+        "vitok.tokenizer_checkpoint": tokenizer_checkpoint,
+    }
+    if tokenizer_run_id:
+        tags["vitok.tokenizer_run_id"] = tokenizer_run_id
+    return start_run(
+        cfg.tracking,
+        name,
+        resume_file=storage.join(out_dir, "mlflow_run_id"),
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
+
+
+def _log_setup(
+    logger: RunLogger, cfg: ExperimentConfig, params: dict[str, Any], latent_set: LatentSet
+) -> None:
+    logger.log_params(params)
+    logger.log_params(
+        {"generator": to_dict(cfg.generator), "generator_train": to_dict(cfg.generator_train)}
+    )
+    logger.log_text(dump_config(cfg), "config.yaml")
+    logger.log_dict(dataclasses.asdict(latent_set.stats), "latents/latent_stats.json")
+    logger.log_metrics({f"latents/{s}": n for s, n in latent_set.counts.items()})
 
 
 def evaluate_generation(

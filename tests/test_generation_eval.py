@@ -26,7 +26,7 @@ from vitok.pipelines.generation_eval import (
     sample_labels,
     sample_noise,
 )
-from vitok.pipelines.scaling_study import generation_beside_paper
+from vitok.pipelines.study_report import generation_beside_paper
 from vitok.pipelines.tokenizer_stage import load_tokenizer
 from vitok.platform import inception
 from vitok.platform.latents import LatentStats

@@ -1,0 +1,119 @@
+"""One trial of the scaling study: a Tune function trainable that runs one tokenizer's whole
+path (stage 1, optional stage 2, evaluation, optional generator) and commits its result
+under the study folder, so a rerun or a retried trial costs nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from vitok.pipelines.cli import (
+    ExperimentConfig,
+)
+from vitok.pipelines.search import parse_objective, trial_name
+from vitok.platform import storage
+from vitok.platform.config import apply_overrides
+from vitok.platform.study import (
+    StudyStore,
+    report_to_tune_callback,
+)
+from vitok.platform.tracking import RunLogger
+
+RECON_METRICS = ("psnr", "ssim", "lpips", "fid", "fvd")
+
+
+def objective_key(metric: str) -> str:
+    """'psnr' -> 'val/psnr' (a reconstruction metric); 'gflops', 'gen/...' stay as given."""
+    return f"val/{metric}" if metric in RECON_METRICS else metric
+
+
+def trial_overrides(config: dict[str, Any]) -> tuple[str, ...]:
+    """A Tune trial's config (grid: its override list; Optuna: axis -> value) as overrides."""
+    if "overrides" in config:
+        return tuple(config["overrides"])
+    return tuple(f"{k}={v}" for k, v in sorted(config.items()))
+
+
+def scalars(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if isinstance(v, int | float | str)}
+
+
+def run_trial(
+    config: dict[str, Any], *, base: ExperimentConfig, study_uri: str, parent_run_id: str | None
+) -> None:
+    """A Tune function trainable: one tokenizer's whole path, committed, reported to Tune.
+
+    Runs on any node: everything it reads and writes is under the storage root. A trial
+    that finds its committed result reports it and returns (a rerun costs nothing); one
+    killed half-way resumes its Ray Train runs from their checkpoints, into its MLflow runs.
+    """
+    import ray
+    import ray.data
+    from ray import tune
+
+    from vitok.pipelines.generator_stage import run_generator
+    from vitok.pipelines.tokenizer_stage import run_tokenizer, tokenizer_params
+    from vitok.platform.data import prepare
+
+    overrides = trial_overrides(config)
+    name = trial_name(overrides)
+    store = StudyStore(study_uri)
+    committed = store.result(name)
+    if committed is not None:
+        tune.report(scalars(committed))
+        return
+    started = time.perf_counter()
+    # Concurrent trials' Ray Data progress bars would interleave on the study's console.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    node = ray.get_runtime_context().get_node_id()
+    store.log_event(name, "started", node_id=node)
+    cfg = dataclasses.replace(apply_overrides(base, list(overrides)), name=name)
+    prepared = prepare(cfg.data, cfg.storage.uri, progress=False)  # committed: reused at once
+    objectives = [objective_key(m) for m, _ in map(parse_objective, cfg.search.objectives)]
+    to_tune = report_to_tune_callback(objectives, scalars(tokenizer_params(cfg.tokenizer)))
+    tok = run_tokenizer(
+        cfg,
+        prepared,
+        run_dir=store.trial_dir(name),
+        parent_run_id=parent_run_id,
+        run_name=name,
+        log_model=False,
+        callbacks=[to_tune],
+    )
+    result: dict[str, Any] = {"trial": name, "tokenizer_run_id": tok.run_id or ""}
+    result.update(scalars(tok.params))
+    result.update(tok.metrics)
+    result["tokenizer_checkpoint"] = tok.checkpoint_dir
+    work_s = tok.work_s
+    if cfg.generator_train is not None:
+        gen = run_generator(
+            cfg,
+            prepared,
+            tok.checkpoint_dir,
+            run_dir=storage.join(store.trial_dir(name), "generator"),
+            parent_run_id=parent_run_id,
+            run_name=f"{name}-gen",
+            tokenizer_run_id=tok.run_id,
+        )
+        result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
+        result["generator_run_id"] = gen.run_id or ""
+        result["generator_checkpoint"] = gen.checkpoint_dir
+        work_s += gen.work_s
+    result.update(time_shares(time.perf_counter() - started, work_s))
+    if tok.run_id:  # beside the trial's curves, for the runs table
+        logger = RunLogger(cfg.tracking.uri, tok.run_id)
+        logger.log_metrics({k: v for k, v in result.items() if k.startswith("time/")})
+        logger.close()
+    result["node_id"] = node
+    store.commit(name, {**result, "params": dict(config), "overrides": list(overrides)})
+    store.log_event(name, "finished", node_id=node)
+    tune.report(scalars(result))
+
+
+def time_shares(wall_s: float, work_s: float) -> dict[str, float]:
+    """A trial's wall time split into work (training steps and evaluation) and the platform's
+    share (start-up, data pipelines, checkpoints, tracking). A resumed trial's work includes
+    the steps done before the restart, so its share is a lower bound (clamped at 0)."""
+    share = max(0.0, 1.0 - work_s / wall_s) if wall_s > 0 else 0.0
+    return {"time/trial_s": wall_s, "time/work_s": work_s, "time/platform_share": share}
