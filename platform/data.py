@@ -257,6 +257,8 @@ def ensure_ray(log_to_driver: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=ray_runtime_env(), log_to_driver=log_to_driver)
     else:
+        # One machine is never preempted: no watcher actor per Train run (a process each).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", runtime_env=ray_runtime_env(), log_to_driver=log_to_driver)
 
 

@@ -209,8 +209,6 @@ def extract_latents(
     committed by ``latents.json`` written last (with the per-channel statistics over
     ``stats_split`` and ``info``); a committed ``out_dir`` is reused untouched.
     """
-    from ray.data import ActorPoolStrategy
-
     out = storage.resolve_root(str(out_dir))  # actors run in another directory
     existing = load_latent_set(out)
     if existing is not None:
@@ -219,9 +217,44 @@ def extract_latents(
         raise ValueError(f"stats_split={stats_split!r} is not among {list(datasets)}")
     t0 = time.perf_counter()
     prefix = f"attempts/{storage.attempt_id()}"
-    work = storage.join(out, prefix)
-    device = "cuda" if num_gpus > 0 else "cpu"
-    # One actor pool for every split: tag rows with their split, encode, partition by it.
+    encode = {
+        "factory": encoder_factory,
+        "device": "cuda" if num_gpus > 0 else "cpu",
+        "column": column,
+        "num_threads": max(1, int(num_cpus)),
+    }
+    pool = {"num_actors": num_actors, "batch_size": batch_size, "cpus": num_cpus, "gpus": num_gpus}
+    _write_encoded(datasets, column, encode, pool, storage.join(out, prefix))
+    files = {}
+    for split in datasets:
+        folder = storage.join(out, prefix, "shards", f"split={split}")
+        rels = storage.list_files(folder, ".parquet")
+        if not rels:
+            raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
+        files[split] = [f"{prefix}/shards/split={split}/{rel}" for rel, _ in rels]
+    manifest = _summarise(out, prefix, files, stats_split)
+    manifest.update(info=dict(info or {}), seconds=round(time.perf_counter() - t0, 3))
+    storage.write_json(storage.join(out, MANIFEST_FILE), manifest)  # the commit
+    counts, shape = manifest["counts"], tuple(manifest["latent_shape"])
+    print(
+        f"[vitok.latents] wrote {out}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f" latents of {shape}, {time.perf_counter() - t0:.1f} s"
+    )
+    return dataclasses.replace(load_latent_set(out), reused=False)
+
+
+def _write_encoded(
+    datasets: Mapping[str, Any],
+    column: str,
+    encode: dict[str, Any],
+    pool: dict[str, Any],
+    work: str,
+) -> None:
+    """Encode every split with one actor pool (rows tagged with their split) and write the
+    latents as Parquet under ``work/shards/split=<split>/``."""
+    from ray.data import ActorPoolStrategy
+
     tagged = [
         ds.select_columns([column, "label"]).map_batches(
             _tag_split,
@@ -234,17 +267,12 @@ def extract_latents(
     union = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     latents = union.map_batches(
         LatentEncoder,
-        fn_constructor_kwargs={
-            "factory": encoder_factory,
-            "device": device,
-            "column": column,
-            "num_threads": max(1, int(num_cpus)),
-        },
-        compute=ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
+        fn_constructor_kwargs=encode,
+        compute=ActorPoolStrategy(size=pool["num_actors"]),
+        batch_size=pool["batch_size"],
         batch_format="numpy",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
+        num_cpus=pool["cpus"],
+        num_gpus=pool["gpus"],
     )
     latents.write_parquet(
         storage.join(work, "shards"),
@@ -252,18 +280,18 @@ def extract_latents(
         mode="overwrite",
         ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
     )
-    files = {}
-    for split in datasets:
-        rels = storage.list_files(storage.join(work, "shards", f"split={split}"), ".parquet")
-        if not rels:
-            raise ValueError(f"split={split!r} holds no clips; pass only non-empty splits")
-        files[split] = [f"{prefix}/shards/split={split}/{rel}" for rel, _ in rels]
-    # One pass back over everything: counts, channel moments, token-pooled features.
-    counts = {split: 0 for split in datasets}
-    pooled: dict[str, list[np.ndarray]] = {split: [] for split in datasets}
+
+
+def _summarise(
+    out: str, prefix: str, files: dict[str, list[str]], stats_split: str
+) -> dict[str, Any]:
+    """One pass back over the written latents: counts, per-channel moments over
+    ``stats_split``, and token-pooled features per split (saved as .npy beside them)."""
+    counts = {split: 0 for split in files}
+    pooled: dict[str, list[np.ndarray]] = {split: [] for split in files}
     moments = ChannelMoments()
     latent_shape: tuple[int, ...] = ()
-    for split in datasets:
+    for split in files:
         reader = read_shards([storage.join(out, p) for p in files[split]])
         for batch in reader.iter_batches(batch_size=256, batch_format="numpy"):
             z = _stack(batch["latent"])  # (N, ..., c)
@@ -278,23 +306,14 @@ def extract_latents(
         np.save(buffer, np.concatenate(parts).astype(np.float32))
         pooled_files[split] = f"{prefix}/pooled_{split}.npy"
         storage.write_bytes(storage.join(out, pooled_files[split]), buffer.getvalue())
-    manifest = {
+    return {
         "counts": counts,
         "latent_shape": list(latent_shape),
         "stats_split": stats_split,
         "stats": asdict(moments.stats()),
         "files": files,
         "pooled": pooled_files,
-        "info": dict(info or {}),
-        "seconds": round(time.perf_counter() - t0, 3),
     }
-    storage.write_json(storage.join(out, MANIFEST_FILE), manifest)  # the commit
-    print(
-        f"[vitok.latents] wrote {out}: "
-        + ", ".join(f"{n} {s}" for s, n in counts.items())
-        + f" latents of {latent_shape}, {time.perf_counter() - t0:.1f} s"
-    )
-    return dataclasses.replace(load_latent_set(out), reused=False)
 
 
 def pool_tokens(latents: np.ndarray) -> np.ndarray:

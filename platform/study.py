@@ -202,15 +202,22 @@ class StatusTable:
     """
 
     def __init__(self, columns: Sequence[str], interval_s: float = 2.0, stream: Any = None):
-        import sys
-
         self.columns = list(columns)
         self.rows: dict[str, dict[str, Any]] = {}
-        self.stream = stream or sys.stdout
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._stream = stream  # None: sys.stdout when drawing (Tune pickles its callbacks)
         self.interval_s = interval_s
         self.drawn = 0  # lines of the table now on screen
         self.last_draw = 0.0
+
+    @property
+    def stream(self) -> Any:
+        import sys
+
+        return self._stream or sys.stdout
+
+    @property
+    def live(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def update(self, name: str, **values: Any) -> None:
         row = self.rows.setdefault(name, {"state": "pending", "since": time.time()})

@@ -140,6 +140,28 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
     assert "report/scaling_E.png" in parent_artifacts
     assert "R^2" in client.get_run(result.parent_run_id).data.tags["mlflow.note.content"]
 
+    # The sweep axes are metrics of each child (for MLflow's charts); each trial's time is
+    # split into training + evaluation and the platform's share.
+    for run in (r for r in children if r.data.tags["vitok.kind"] == "tokenizer"):
+        assert {"axis/E", "axis/log2_E", "axis/c", "time/platform_share"} <= set(run.data.metrics)
+    for row in result.rows:
+        assert 0 < row["time/work_s"] < row["time/trial_s"]
+        assert row["time/platform_share"] == pytest.approx(
+            1 - row["time/work_s"] / row["time/trial_s"]
+        )
+    # The best trial (psnr:max) is a registered model version that loads and reconstructs.
+    best = max(result.rows, key=lambda r: r["val/psnr"])
+    assert result.best["trial"] == best["trial"]
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    model = mlflow.pyfunc.load_model(result.best["uri"])
+    clips = np.zeros((1, *cfg.tokenizer.input_size, 3), np.uint8)
+    assert model.predict(clips).shape == clips.shape
+    version = client.get_model_version(*result.best["uri"].split("/")[1:])
+    assert version.tags["trial"] == best["trial"] and version.run_id == best["tokenizer_run_id"]
+
 
 @pytest.mark.slow
 def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri):
