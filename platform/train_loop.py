@@ -16,9 +16,11 @@ twice, with the same values).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -397,6 +399,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
+    # DeepSpeed builds its CPU comm op in torch's extensions folder (one per user): installs
+    # sharing it rebuild each other's op, and a worker killed mid-build leaves a lock all
+    # later workers wait on forever. So one folder per Python install, unless set.
+    prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+    default = Path.home() / ".cache" / "torch_extensions" / f"vitok-{prefix}"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default))
     if not job.train.use_gpu:
         torch.set_num_threads(max(1, round(job.train.cpus_per_worker)))
     Loop(job, rank, world, config.get("log_mark")).run()
