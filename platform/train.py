@@ -370,7 +370,7 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vitok.platform.train_loop import LOG_MARK_FILE, data_config, train_loop_per_worker
+    from vitok.platform.train_loop import data_config, train_loop_per_worker
 
     cfg = job.train
     if job.tracking is not None:  # workers run in another directory: ship an absolute URI
@@ -391,7 +391,7 @@ def run_training(
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"job": job, "log_mark": storage.join(run_dir, LOG_MARK_FILE)},
+        train_loop_config={"job": job, "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources

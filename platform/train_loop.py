@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from vitok.platform import storage
-from vitok.platform.tracking import RunLogger
 from vitok.platform.train import (
     CHECKPOINT_TAG,
     MODEL_FILE,
@@ -46,9 +45,10 @@ from vitok.platform.train import (
     named_losses,
     optimizer_parts,
 )
+from vitok.platform.train_metrics import LOG_MARK_FILE, MetricWindow, StepLogger
 from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
 
-LOG_MARK_FILE = "vitok_logged.json"
+COMMITTED_FILE = "vitok_committed"  # written once every rank's part is uploaded
 
 
 # ----------------------------------------------------------------------------- model
@@ -84,14 +84,33 @@ class Checkpointer:
     """Saves and restores a worker's DeepSpeed state, the task's extra state, the fp32
     weights and the loop position (``state``, which includes the open metric window)."""
 
-    def __init__(self, job: TrainJob, worker: Worker, rank: int) -> None:
-        self.job, self.worker, self.rank = job, worker, rank
+    def __init__(self, job: TrainJob, worker: Worker, rank: int, run_dir: str | None) -> None:
+        self.job, self.worker, self.rank, self.run_dir = job, worker, rank, run_dir
 
-    def restore(self, state: dict[str, Any]) -> bool:
-        """Load the latest checkpoint Ray Train hands a (re)started worker, if any."""
+    def latest(self) -> Any:
+        """The newest checkpoint: Ray Train's, or a newer one under ``run_dir`` that every
+        rank finished uploading. Ray Train's controller learns of a report when it next polls
+        the workers (every 2 s), so a worker killed just after one restarts from the one
+        before (or from step 0) unless the folder itself is trusted."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        names = [storage.name(checkpoint.path)] if checkpoint is not None else []
+        if self.run_dir and storage.exists(self.run_dir):
+            for name in storage.listdir(self.run_dir):
+                marker = storage.join(self.run_dir, name, COMMITTED_FILE)
+                if name.startswith("checkpoint_") and storage.is_file(marker):
+                    names.append(name)
+        if not names:
+            return None
+        newest = max(names)  # checkpoint_<step, 8 digits>
+        if checkpoint is not None and newest == names[0]:
+            return checkpoint
+        return ray.train.Checkpoint(storage.join(self.run_dir, newest))
+
+    def restore(self, state: dict[str, Any]) -> bool:
+        """Load the latest checkpoint (``latest``) into a (re)started worker, if any."""
+        checkpoint = self.latest()
         if checkpoint is None:
             return False
         with checkpoint.as_directory() as ckpt_dir:
@@ -121,12 +140,16 @@ class Checkpointer:
             for part in worker.parts:
                 ds_file = _part_file(worker.parts, part, "deepspeed_config") + ".json"
                 (tmp / ds_file).write_text(json.dumps(deepspeed_config(cfg, part.grad_clip)))
+        name = f"checkpoint_{state['step']:08d}"
         ray.train.report(
             {**metrics, "step": state["step"]},
             checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-            checkpoint_dir_name=f"checkpoint_{state['step']:08d}",
+            checkpoint_dir_name=name,
         )
         shutil.rmtree(tmp, ignore_errors=True)
+        torch.distributed.barrier()  # every rank's part is uploaded
+        if self.rank == 0 and self.run_dir:
+            storage.write_text(storage.join(self.run_dir, name, COMMITTED_FILE), "")
 
 
 # ----------------------------------------------------------------------------- data
@@ -161,68 +184,6 @@ def data_config(datasets: Mapping[str, Any]) -> Any:
     ordered.preserve_order = True
     names = [name for name in datasets if name != "train"]
     return DataConfig(datasets_to_split=names, execution_options={"train": ordered})
-
-
-# ----------------------------------------------------------------------------- metrics
-class MetricWindow:
-    """Means of the per-step logs over one logging window. Its sums are part of the loop
-    state, so a window a checkpoint cut in two averages what an uninterrupted one would."""
-
-    def __init__(self, saved: Mapping[str, Any] | None = None) -> None:
-        self.sums: dict[str, float] = dict((saved or {}).get("sums", {}))
-        self.count = int((saved or {}).get("count", 0))
-
-    def add(self, logs: Mapping[str, float]) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "count": self.count}
-
-    def close(self) -> dict[str, float]:
-        """``train/<key>`` means over the window; the window starts again empty."""
-        means = {f"train/{k}": v / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return means
-
-
-class StepLogger:
-    """Rank 0's MLflow logging of one job, each (step, key) once across restarts:
-    ``mark_uri`` holds ``{"run_id", "step", "keys"}``, the last step handed to the logger
-    (which spools it to disk at once) and its keys; a restarted worker skips what it covers."""
-
-    def __init__(self, job: TrainJob, mark_uri: str | None) -> None:
-        self.inner = RunLogger(job.tracking.uri, job.run_id)
-        self.prefix, self.run_id, self.mark_uri = job.metric_prefix, job.run_id, mark_uri
-        self.mark: dict[str, Any] = {"run_id": job.run_id, "step": -1, "keys": []}
-        if mark_uri and storage.is_file(mark_uri):
-            saved = storage.read_json(mark_uri)
-            if saved.get("run_id") == job.run_id:  # a new MLflow run starts its own curves
-                self.mark = saved
-        self.resumed = dict(self.mark)
-
-    def logged(self, keys: list[str], step: int) -> bool:
-        """Whether a previous attempt of this job already logged ``keys`` at ``step``."""
-        done = self.resumed
-        return step < done["step"] or (step == done["step"] and set(keys) <= set(done["keys"]))
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        keys = [self.prefix + k for k in metrics]
-        if not keys or self.logged(keys, step):
-            return
-        self.inner.log_metrics(dict(zip(keys, metrics.values())), step=step)
-        same = step == self.mark["step"]
-        self.mark = {
-            "run_id": self.run_id,
-            "step": step,
-            "keys": sorted(set(keys) | (set(self.mark["keys"]) if same else set())),
-        }
-        if self.mark_uri:
-            storage.write_json(self.mark_uri, self.mark)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -261,16 +222,17 @@ def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> dict[str, f
 class Loop:
     """Steps one worker through ``train.steps`` optimizer steps, from a checkpoint if any."""
 
-    def __init__(self, job: TrainJob, rank: int, world: int, log_mark: str | None) -> None:
+    def __init__(self, job: TrainJob, rank: int, world: int, run_dir: str | None) -> None:
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
         self.worker = Worker(job)
-        self.checkpointer = Checkpointer(job, self.worker, rank)
+        self.checkpointer = Checkpointer(job, self.worker, rank, run_dir)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
         self.resumed = self.checkpointer.restore(self.state)
         self.window = MetricWindow(self.state.pop("window", None))
         self.logger = None
         if rank == 0 and job.run_id and job.tracking is not None and job.tracking.enabled:
-            self.logger = StepLogger(job, log_mark)
+            mark = storage.join(run_dir, LOG_MARK_FILE) if run_dir else None
+            self.logger = StepLogger(job, mark)
         self.metrics: dict[str, float] = {}
         self.micro = 0
         self.clock = (time.perf_counter(), self.state["step"])
@@ -389,8 +351,8 @@ class Loop:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: ``config`` holds the ``job`` and ``log_mark`` (where
-    ``StepLogger`` keeps what was logged)."""
+    """Ray Train worker entry point: ``config`` holds the ``job`` and ``run_dir`` (its Ray
+    Train storage: the checkpoints, and ``StepLogger``'s mark)."""
     import ray.train
 
     job: TrainJob = config["job"]
@@ -404,10 +366,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # later workers wait on forever. So one folder per Python install, unless set.
     prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
     default = Path.home() / ".cache" / "torch_extensions" / f"vitok-{prefix}"
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default))
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(default)
     if not job.train.use_gpu:
         torch.set_num_threads(max(1, round(job.train.cpus_per_worker)))
-    Loop(job, rank, world, config.get("log_mark")).run()
+    Loop(job, rank, world, config.get("run_dir")).run()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -182,18 +182,24 @@ def test_toy_training_two_workers_lowers_loss(ray_local, request, tmp_path, mlfl
 
 class KillOnce:
     """Test-side fault: wraps a task and SIGKILLs its own Ray Train worker process (rank 0,
-    the one that logs to MLflow) in the middle of optimizer step ``at_step``, once: the
-    marker file, written first, tells the restarted worker not to do it again."""
+    the one that logs to MLflow) in the middle of each optimizer step of ``at_steps``, once
+    per step (a marker file, written first, remembers). Rank 0 appends ``<pid> <step>`` of
+    every step it starts to ``folder/trace``."""
 
-    def __init__(self, task, at_step: int, marker: Path) -> None:
-        self.task, self.at_step, self.marker = task, at_step, marker
+    def __init__(self, task, at_steps: tuple[int, ...], folder: Path) -> None:
+        self.task, self.at_steps, self.folder = task, at_steps, folder
 
     def training_step(self, model, batch, step):
-        out = self.task.training_step(model, batch, step)  # the forward is done
         import torch.distributed as dist
 
-        if step == self.at_step and dist.get_rank() == 0 and not self.marker.exists():
-            self.marker.write_text(f"killed pid {os.getpid()} in step {step}")
+        if dist.get_rank() != 0:
+            return self.task.training_step(model, batch, step)
+        with open(self.folder / "trace", "a") as fh:
+            fh.write(f"{os.getpid()} {step}\n")
+        out = self.task.training_step(model, batch, step)  # the forward is done
+        marker = self.folder / f"killed-{step}"
+        if step in self.at_steps and not marker.exists():
+            marker.write_text(f"killed pid {os.getpid()} in step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
@@ -207,20 +213,22 @@ class KillOnce:
 def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
     uninterrupted, ray_local, tmp_path, mlflow_uri
 ):
-    """SIGKILL of rank 0 in step 34 (after the checkpoint at 20 and the window logged at 30):
-    the restarted group resumes at 20 and ends as the uninterrupted run did (same curve,
-    weights within 1e-5, CPU fp32), in one MLflow run that holds each logged step once."""
+    """SIGKILL of rank 0 in step 22, just after the checkpoint at 20 (most likely before Ray
+    Train's controller polled that report), and in step 34 (after the window logged at 30):
+    both times the restarted group resumes at 20, and it ends as the uninterrupted run did
+    (same curve, weights within 1e-5, CPU fp32) in one MLflow run holding each step once."""
     from mlflow.tracking import MlflowClient
 
     tracking = TrackingConfig(uri=mlflow_uri, experiment="toy", system_metrics=False)
     name = f"toy-kill-{tmp_path.name}"
     resume_file = tmp_path / "mlflow_run_id"
     run_id = start_run(tracking, name, resume_file=resume_file)
-    marker = tmp_path / "killed"
-    job = toy_job(name, tracking, run_id, task=KillOnce(ToyTask(), 33, marker))
+    job = toy_job(name, tracking, run_id, task=KillOnce(ToyTask(), (21, 33), tmp_path))
     result = run_training(job, toy_datasets(ray_local), storage_path=tmp_path / "ray")
 
-    assert marker.exists(), "the worker was never killed"
+    trace = [line.split() for line in (tmp_path / "trace").read_text().splitlines()]
+    first_steps = [int(s) for i, (p, s) in enumerate(trace) if i == 0 or trace[i - 1][0] != p]
+    assert first_steps == [0, 20, 20]  # two kills, each resumed from the checkpoint at 20
     assert load_checkpoint_state(result.checkpoint_dir)["loop"]["step"] == TOY_STEPS
     base, base_uri, base_run = uninterrupted
     expected = load_model_state(base.checkpoint_dir)
@@ -236,7 +244,7 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
         assert {m.step: m.value for m in history} == pytest.approx(want, abs=1e-6), key
     # Step 30 was logged before the kill; the resumed group re-ran it but did not log it.
     (at_30,) = [m for m in client.get_metric_history(run_id, "train/loss") if m.step == 30]
-    assert at_30.timestamp / 1000 <= marker.stat().st_mtime
+    assert at_30.timestamp / 1000 <= (tmp_path / "killed-33").stat().st_mtime
     assert start_run(tracking, name, resume_file=resume_file) == run_id
     runs = client.search_runs(
         [client.get_experiment_by_name("toy").experiment_id],
