@@ -2,6 +2,8 @@
 
     python pipelines/benchmark.py data            # preprocessing: Ray Data vs a plain loop
     python pipelines/benchmark.py data --synthetic-videos 48 --size 128
+    python pipelines/benchmark.py faults          # the fault table (vitok.platform.faults)
+    python pipelines/benchmark.py faults --only claim,shard
     python pipelines/benchmark.py all             # every benchmark with its defaults
 
 Add a benchmark with ``@benchmark("name", help)`` on a function ``(args) -> None`` and an
@@ -244,6 +246,29 @@ def bench_train(args: argparse.Namespace) -> None:
                 flush=True,
             )
     shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- faults
+def _faults_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", default=None, help="comma-separated faults (default: all)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+
+
+@benchmark(
+    "faults", "inject each fault for real; what survived and what it cost", _faults_arguments
+)
+def bench_faults(args: argparse.Namespace) -> None:
+    from vitok.platform.faults import FAULTS, print_table, run_faults
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vitok-faults-"))
+    rows = run_faults(args.only.split(",") if args.only else list(FAULTS), work)
+    print("\nfault table (each figure measured on the run it describes):")
+    print_table(rows)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [row.fault for row in rows if row.survived is False]
+    if failed:
+        raise SystemExit(f"not survived: {', '.join(failed)}")
 
 
 # ----------------------------------------------------------------------------- main
