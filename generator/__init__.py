@@ -1,6 +1,6 @@
 """vitok.generator: a class-conditional DiT over tokenizer latents and its diffusion objective."""
 
-from vitok.generator.config import DIT_SIZES, DiTSize, GeneratorConfig
+from vitok.generator.config import DIT_SIZES, GeneratorConfig
 from vitok.generator.diffusion import (
     Denoiser,
     GaussianDiffusion,
@@ -16,7 +16,6 @@ __all__ = [
     "Denoiser",
     "DiT",
     "DiTBlock",
-    "DiTSize",
     "GaussianDiffusion",
     "GeneratorConfig",
     "Objective",

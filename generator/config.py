@@ -1,7 +1,8 @@
 """The generator's config: DiT size presets and the diffusion recipe of the paper.
 
-A plain frozen stdlib dataclass (``generator/`` cannot import ``vitok.platform``); the
-platform's reflection helpers still round-trip it through YAML and ``--set`` overrides.
+A plain frozen stdlib dataclass (``generator/`` imports only torch, einops and
+``vitok.layers``); the platform's reflection helpers still round-trip it through YAML and
+``--set`` overrides.
 """
 
 from __future__ import annotations
@@ -9,32 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from vitok.layers import ModelSize
+
 SizeName = Literal["N", "T", "S", "B", "L", "XL"]
-
-
-@dataclass(frozen=True)
-class DiTSize:
-    """Transformer shape of one DiT preset."""
-
-    width: int
-    depth: int
-    heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
 
 # DiT-style registry. "N" (nano) and "T" (tiny) are CPU sizes for tests and demos; S, B, L and
 # XL are the DiT paper's shapes (DiT-L is the generator of the ViTok study). No patch size in
 # the names: the DiT reads the tokenizer's L latent tokens directly, with no further patchify.
-DIT_SIZES: dict[str, DiTSize] = {
-    "N": DiTSize(width=64, depth=2, heads=2),
-    "T": DiTSize(width=128, depth=4, heads=4),
-    "S": DiTSize(width=384, depth=12, heads=6),
-    "B": DiTSize(width=768, depth=12, heads=12),
-    "L": DiTSize(width=1024, depth=24, heads=16),
-    "XL": DiTSize(width=1152, depth=28, heads=16),
+DIT_SIZES: dict[str, ModelSize] = {
+    "N": ModelSize(width=64, depth=2, heads=2),
+    "T": ModelSize(width=128, depth=4, heads=4),
+    "S": ModelSize(width=384, depth=12, heads=6),
+    "B": ModelSize(width=768, depth=12, heads=12),
+    "L": ModelSize(width=1024, depth=24, heads=16),
+    "XL": ModelSize(width=1152, depth=28, heads=16),
 }
 
 BETA_SCHEDULES = ("linear",)
@@ -98,7 +87,7 @@ class GeneratorConfig:
             )
 
     @property
-    def dit_size(self) -> DiTSize:
+    def dit_size(self) -> ModelSize:
         return DIT_SIZES[self.size]
 
     @property

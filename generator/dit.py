@@ -2,8 +2,8 @@
 
 The tokenizer's latent z: (B, t, h, w, c) is read as L = t*h*w tokens of c channels, with no
 further patchify (as in the ViTok paper): Linear(c -> width) embeds each token, 3D axial RoPE
-over the (t, h, w) latent grid gives positions, and the blocks are the tokenizer's
-(`vitok.tokenizer.layers`: RMSNorm, RoPE attention, SwiGLU) composed with adaLN-Zero
+over the (t, h, w) latent grid gives positions, and each block is built from the parts the
+tokenizer's blocks use (`vitok.layers`: RMSNorm, RoPE attention, SwiGLU) with adaLN-Zero
 modulation from the timestep and class embeddings. Images are latents with t = 1.
 """
 
@@ -16,7 +16,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vitok.generator.config import GeneratorConfig
-from vitok.tokenizer.layers import Block, RMSNorm, Rope, axial_rope, init_linear, modulate
+from vitok.layers import (
+    Attention,
+    RMSNorm,
+    Rope,
+    SwiGLU,
+    axial_rope,
+    init_linear,
+    modulate,
+    swiglu_hidden,
+)
 
 
 class TimestepEmbedder(nn.Module):
@@ -64,7 +73,7 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """The tokenizer's pre-norm block with adaLN-Zero: shift/scale/gate per branch from c.
+    """A pre-norm block with adaLN-Zero: shift/scale/gate per branch from c.
 
     `adaLN_modulation` is zero-initialised, so a fresh block is the identity.
     """
@@ -72,15 +81,17 @@ class DiTBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         # Norms without weights: the modulation supplies the per-channel scale and shift.
-        self.block = Block(width, heads, mlp_ratio, affine_norm=False)
+        self.norm1 = RMSNorm(width, affine=False)
+        self.attn = Attention(width, heads)
+        self.norm2 = RMSNorm(width, affine=False)
+        self.mlp = SwiGLU(width, swiglu_hidden(width, mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor, rope: Rope | None) -> Tensor:
         """x: (B, L, D), c: (B, D) conditioning, rope: (cos, sin) (L, head_dim/2) -> (B, L, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        b = self.block
-        x = x + gate1[:, None] * b.attn(modulate(b.norm1(x), shift1, scale1), rope)
-        x = x + gate2[:, None] * b.mlp(modulate(b.norm2(x), shift2, scale2))
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
 

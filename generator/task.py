@@ -1,8 +1,8 @@
 """The generator's training task: what the platform's worker loop calls (pure torch).
 
 A class-conditional DiT learns the diffusion objective on normalised tokenizer latents;
-an exponential moving average (EMA, with warm-up; the class the tokenizer's stage 2 uses
-too) of its weights is kept for sampling, as in DiT.
+an exponential moving average (``vitok.layers.EMA``, with warm-up; the tokenizer's stage 2
+keeps one of its decoder too) of its weights is kept for sampling, as in DiT.
 
 Batches are ``{"z": (B, t, h, w, c) float, normalised latents, "label": (B,) int}``.
 """
@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vitok.generator.config import GeneratorConfig
 from vitok.generator.diffusion import Objective, build_objective
 from vitok.generator.dit import DiT
-from vitok.tokenizer.ema import EMA
+from vitok.layers import EMA, load_average
 
 
 @dataclass
@@ -87,10 +86,5 @@ def load_generator(
     """A DiT from saved weights; with ``extra_state`` holding an updated EMA, its average."""
     dit = DiT(cfg, latent_channels)
     dit.load_state_dict(dict(model_state))
-    ema = (extra_state or {}).get("ema")
-    if ema and int(ema.get("num_updates", 0)) > 0:
-        own = dict(dit.named_parameters())
-        with torch.no_grad():
-            for name, value in ema["shadow"].items():
-                own[name].copy_(value)
+    load_average(dit, (extra_state or {}).get("ema"))
     return dit.eval()

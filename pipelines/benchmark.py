@@ -192,61 +192,118 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 @benchmark("train", "tokenizer training throughput through Ray Train + DeepSpeed", _train_arguments)
 def bench_train(args: argparse.Namespace) -> None:
-    """steps/s and tokens/s of the real worker loop on random clips (no eval, no data I/O)."""
-    import numpy as np
+    """s/step of the real worker loop on random clips (no eval, no data I/O) and, with one
+    worker, of a bare PyTorch loop of the same model on the same machine, and their ratio."""
     import ray
-
-    from vitok.pipelines.tokenizer_stage import ClipBatch
-    from vitok.platform.train import TrainConfig, TrainJob, run_training
-    from vitok.tokenizer.config import TokenizerConfig
-    from vitok.tokenizer.losses import LossConfig
-    from vitok.tokenizer.task import TokenizerTask
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=args.num_cpus, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="vitok-bench-train-"))
     print(
         f"{'variant':<10} {'input':<11} {'workers':>7} {'steps/s':>8} {'samples/s':>9} "
-        f"{'tokens/s':>9} {'s/step':>7}"
+        f"{'tokens/s':>9} {'s/step':>7} {'bare s/step':>11} {'ratio':>6}"
     )
     for spec in args.variants.split(","):
         variant, _, size = spec.partition("@")
         t, h, w = (int(v) for v in size.split("x"))
-        model = TokenizerConfig.from_variant(variant, channels=args.channels, input_size=(t, h, w))
         for workers in (int(n) for n in args.workers.split(",")):
-            rows = args.batch_size * workers * (args.steps + 2)
-            rng = np.random.default_rng(0)
-            clips = rng.integers(0, 256, (rows, t, h, w, 3), dtype=np.uint8)
-            ds = ray.data.from_items([{"clip": c, "label": 0} for c in clips])
-            train = TrainConfig(
-                steps=args.steps,
-                batch_size=args.batch_size,
-                num_workers=workers,
-                cpus_per_worker=0.9 * args.num_cpus / workers,
-                checkpoint_every=0,
-                log_every=max(1, args.steps // 2),
-                warmup_steps=1,
-                shuffle_buffer=0,
-                zero_stage=args.zero_stage,
-                max_failures=0,
+            rate, m = _platform_rate(args, variant, (t, h, w), workers, work)
+            bare = (
+                _bare_seconds_per_step(args, variant, (t, h, w), workers) if workers == 1 else None
             )
-            job = TrainJob(
-                name=f"bench-{variant.replace('/', '_')}-{workers}w",
-                task=TokenizerTask(model, LossConfig(lpips_weight=0.0)),
-                train=train,
-                batch_fn=ClipBatch(None),
-                tokens_per_sample=model.num_tokens,
-            )
-            result = run_training(job, {"train": ds}, storage_path=work)
-            m = result.metrics  # the last logging window: steady state, warm-up excluded
-            rate = m.get("perf/steps_per_s", float("nan"))
+            shown = f"{bare:>11.3f} {(1 / rate) / bare:>5.2f}x" if bare else f"{'-':>11} {'-':>6}"
             print(
                 f"{variant:<10} {size:<11} {workers:>7} {rate:>8.3f} "
                 f"{m.get('perf/samples_per_s', float('nan')):>9.2f} "
-                f"{m.get('perf/tokens_per_s', float('nan')):>9.0f} {1 / rate:>7.2f}",
+                f"{m.get('perf/tokens_per_s', float('nan')):>9.0f} {1 / rate:>7.3f} {shown}",
                 flush=True,
             )
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_model(args: argparse.Namespace, variant: str, size: tuple[int, int, int]):
+    from vitok.tokenizer.config import TokenizerConfig
+    from vitok.tokenizer.losses import LossConfig
+    from vitok.tokenizer.task import TokenizerTask
+
+    model = TokenizerConfig.from_variant(variant, channels=args.channels, input_size=size)
+    return model, TokenizerTask(model, LossConfig(lpips_weight=0.0))
+
+
+def _bench_train_config(args: argparse.Namespace, workers: int):
+    from vitok.platform.train import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        cpus_per_worker=0.9 * args.num_cpus / workers,
+        checkpoint_every=0,
+        log_every=max(1, args.steps // 2),
+        warmup_steps=1,
+        shuffle_buffer=0,
+        zero_stage=args.zero_stage,
+        max_failures=0,
+    )
+
+
+def _platform_rate(args, variant: str, size: tuple[int, int, int], workers: int, work: Path):
+    """steps/s of the last logging window (steady state, warm-up excluded) and the metrics."""
+    import numpy as np
+    import ray
+
+    from vitok.pipelines.tokenizer_stage import ClipBatch
+    from vitok.platform.train import TrainJob, run_training
+
+    model, task = _bench_model(args, variant, size)
+    rows = args.batch_size * workers * (args.steps + 2)
+    clips = np.random.default_rng(0).integers(0, 256, (rows, *size, 3), dtype=np.uint8)
+    job = TrainJob(
+        name=f"bench-{variant.replace('/', '_')}-{workers}w",
+        task=task,
+        train=_bench_train_config(args, workers),
+        batch_fn=ClipBatch(None),
+        tokens_per_sample=model.num_tokens,
+    )
+    ds = ray.data.from_items([{"clip": c, "label": 0} for c in clips])
+    result = run_training(job, {"train": ds}, storage_path=work)
+    return result.metrics.get("perf/steps_per_s", float("nan")), result.metrics
+
+
+def _bare_seconds_per_step(args, variant: str, size: tuple[int, int, int], workers: int) -> float:
+    """The same model, batch, loss, AdamW, LR schedule and grad clip in a plain loop, on as
+    many threads as the platform's worker gets; timed over the same last half of the steps."""
+    import torch
+
+    from vitok.platform.data import to_model_input
+    from vitok.platform.train import lr_multiplier
+
+    cfg = _bench_train_config(args, workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
+    try:
+        torch.manual_seed(cfg.seed)
+        _, task = _bench_model(args, variant, size)
+        model = task.build_model()
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg))
+        clips = torch.randint(0, 256, (cfg.batch_size, *size, 3), dtype=torch.uint8)
+        timed_from = args.steps - max(1, args.steps // 2)
+        for step in range(args.steps):
+            if step == timed_from:
+                started = time.perf_counter()
+            x = to_model_input(clips, crop=None, flip=True)
+            loss, _ = task.training_step(model, {"x": x}, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+        return (time.perf_counter() - started) / (args.steps - timed_from)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- ingest

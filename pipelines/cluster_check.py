@@ -4,7 +4,7 @@
         python pipelines/cluster_check.py
     python pipelines/cluster_check.py --import vitok.tokenizer.model   # local Ray
 
-The driver maps ``vitok.*`` onto the shipped working_dir (``use_shipped_code``), runs one
+The driver maps ``vitok.*`` onto the shipped working_dir (``vitok.pipelines.cli``), runs one
 task pinned to each alive node, and compares what each imported: the folder ``vitok.*``
 came from and a fingerprint of its source files. Exits 1, naming the nodes, on a mismatch.
 """
@@ -17,7 +17,8 @@ import os
 import socket
 import sys
 
-from vitok.platform.runtime import code_fingerprint, package_root, ray_runtime_env, use_shipped_code
+from vitok.pipelines.cli import SHIPPED_ROOT
+from vitok.platform.runtime import code_fingerprint, package_root, ray_runtime_env
 
 
 def node_report(modules: list[str]) -> dict[str, str]:
@@ -33,7 +34,6 @@ def node_report(modules: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    shipped = use_shipped_code()  # before any other vitok import
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--import",
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ray.init(address="local", include_dashboard=False, runtime_env=ray_runtime_env())
     driver = node_report(args.modules)
-    print(f"[vitok] shipped working_dir: {shipped or '(none: running the installed copy)'}")
+    print(f"[vitok] shipped working_dir: {SHIPPED_ROOT or '(none: running the installed copy)'}")
     print(f"[vitok] driver {driver['host']} root={driver['root']} code={driver['fingerprint']}")
 
     remote = ray.remote(num_cpus=0, max_retries=0)(node_report)
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(
             f"[vitok] code check FAILED: {', '.join(bad)} run other code than the driver "
-            f"({driver['root']}). Submit with --working-dir and call use_shipped_code() and "
-            "ray.init(runtime_env=ray_runtime_env()) in the entry point.",
+            f"({driver['root']}). Submit with --working-dir, import vitok.pipelines.cli first "
+            "and call ray.init(runtime_env=ray_runtime_env()) in the entry point.",
             file=sys.stderr,
         )
         return 1

@@ -1,4 +1,4 @@
-"""The root config of one experiment (data -> tokenizer -> generator), and CLI plumbing.
+"""The root config of one experiment (data -> tokenizer -> generator).
 
 Functions take the sub-config they need; this root exists to nest, validate across
 components, round-trip to YAML and take ``--set a.b=value`` overrides.
@@ -6,15 +6,13 @@ components, round-trip to YAML and take ``--set a.b=value`` overrides.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.search import SearchConfig
 from vitok.platform import storage
-from vitok.platform.config import apply_overrides, from_yaml, to_yaml
+from vitok.platform.config import to_yaml
 from vitok.platform.data import DataConfig
 from vitok.platform.metrics import MetricsConfig
 from vitok.platform.storage import StorageConfig
@@ -75,59 +73,5 @@ class ExperimentConfig:
         return storage.join(self.storage.uri, "runs", name)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, presets: list[str]) -> None:
-    parser.add_argument("--preset", default=None, choices=presets, help="a named preset")
-    parser.add_argument("--config", type=Path, default=None, help="a YAML config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set tokenizer.channels=8 (repeatable)",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved YAML and exit"
-    )
-
-
-def resolve_config(
-    args: argparse.Namespace, default: ExperimentConfig, preset_fn=None
-) -> ExperimentConfig:
-    """Preset or YAML, then overrides; errors name the bad key or value."""
-    if args.config is not None and args.preset is not None:
-        raise SystemExit("error: give --preset or --config, not both")
-    if args.config is not None:
-        cfg = from_yaml(ExperimentConfig, args.config.read_text())
-    elif args.preset is not None and preset_fn is not None:
-        cfg = preset_fn(args.preset)
-    else:
-        cfg = default
-    return apply_overrides(cfg, args.overrides)
-
-
 def dump_config(cfg: ExperimentConfig) -> str:
     return to_yaml(cfg)
-
-
-def print_run_summary(
-    title: str,
-    metrics: dict[str, float],
-    checkpoint_dir: str,
-    run_id: str | None,
-    tracking_uri: str | None,
-) -> None:
-    """The closing lines of a training entry point: metrics, checkpoint, where to look."""
-    from vitok.platform.tracking import resolve_uri
-
-    width = max([16, *(len(k) for k in metrics)])
-    print()
-    print(f"[vitok] {title}")
-    for key, value in sorted(metrics.items()):
-        print(f"  {key:<{width}} {value:.4f}")
-    print(f"  {'checkpoint':<{width}} {checkpoint_dir}")
-    if run_id:
-        print(f"  {'mlflow run':<{width}} {run_id}")
-        print(
-            f"  {'browse with':<{width}} mlflow ui --backend-store-uri {resolve_uri(tracking_uri)}"
-        )

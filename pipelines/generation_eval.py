@@ -10,8 +10,11 @@ batches across Ray workers, against the real clips.
   features per frame (2048), I3D features per 16-frame window (400).
 - The driver sums the features into exact moments (``FeatureMoments``), so any split over
   batches and workers gives the one-shot statistic, and computes the Frechet distances:
-  ``frechet_tokenizer_latent`` (always; *not* FID, see ``generation_metrics``), ``gfid`` and
-  ``gfvd`` when the Inception / I3D weight files are configured. The real side's network
+  ``frechet_pixels`` (always: frames pooled to 4x4 RGB, one fixed space that every trial
+  shares, so it compares across tokenizers), ``frechet_tokenizer_latent`` (always; in the
+  tokenizer's own latent space, so only within its trial; *not* FID, see
+  ``generation_metrics``), ``gfid`` and ``gfvd`` when the Inception / I3D weight files are
+  configured. The real side's network
   features come from the same actors, over ``min(gen_samples, clips in the split)`` clips.
 - ``samples`` (and ``real_samples``) are returned beside the distances: a Frechet distance
   depends on the sample count, so no number is compared with the paper's at another count.
@@ -53,8 +56,21 @@ from vitok.platform.train import load_model_state, load_task_state
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 
-NETWORKS = ("inception", "i3d")  # feature columns -> the metrics gfid, gfvd
-METRIC_OF = {"inception": "gfid", "i3d": "gfvd"}
+NETWORKS = ("inception", "i3d", "pixels")  # feature columns -> the metrics below
+METRIC_OF = {"inception": "gfid", "i3d": "gfvd", "pixels": "frechet_pixels"}
+PIXEL_POOL = 4  # frames average-pooled to 4x4 RGB: the fixed space of frechet_pixels
+
+
+def pixel_features(clips: torch.Tensor) -> np.ndarray:
+    """clips (N, T, H, W, 3) uint8 or float in [-1, 1] -> (N, T, 48): each frame average-
+    pooled to 4x4 RGB in [-1, 1]. A fixed feature space that needs no weight file and is the
+    same for every tokenizer, so ``frechet_pixels`` compares across trials (it sees colour
+    layout, not texture: a coarse check, not FID)."""
+    x = clips.float() / 127.5 - 1.0 if clips.dtype == torch.uint8 else clips.float()
+    n, t = x.shape[:2]
+    frames = x.flatten(0, 1).permute(0, 3, 1, 2)  # (N*T, 3, H, W)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(frames, PIXEL_POOL)
+    return pooled.permute(0, 2, 3, 1).reshape(n, t, -1).cpu().numpy()  # (4, 4, RGB) rows
 
 
 # ----------------------------------------------------------------------------- the samples
@@ -149,9 +165,10 @@ class _Networks:
             self.i3d = None
 
     def features(self, clips: torch.Tensor) -> dict[str, np.ndarray]:
-        """clips (N, T, H, W, 3) uint8 or float in [-1, 1] -> per-sample feature rows."""
+        """clips (N, T, H, W, 3) uint8 or float in [-1, 1] -> per-sample feature rows (the
+        pooled pixels always; Inception and I3D with their weight files)."""
         n, batch = clips.shape[0], self.metrics.feature_batch_size
-        out = {}
+        out = {"pixels": pixel_features(clips)}
         if self.inception is not None:
             frames = frame_features(self.inception, clips, batch)  # (N*T, 2048)
             out["inception"] = frames.reshape(n, -1, frames.shape[-1]).float().cpu().numpy()
@@ -352,7 +369,8 @@ def generation_metrics(
     latent statistics; it is *not* FID. With ``reference_latent`` (another real split of the
     generated set's size), ``frechet_tokenizer_latent_real_ref`` is the same distance between
     two real splits: the level a perfect generator would reach at these sample sizes.
-    ``gfid`` / ``gfvd`` when both sides have Inception / I3D features. ``samples``: the
+    ``frechet_pixels`` / ``gfid`` / ``gfvd`` when both sides have pooled-pixel / Inception /
+    I3D features. ``samples``: the
     number of generated samples (and ``real_samples``: ``real_clips``, the real clips the
     networks saw, when gFID or gFVD was computed).
     """

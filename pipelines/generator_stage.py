@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ from vitok.pipelines.generation_eval import (
     Workers,
     generated_moments,
     generation_metrics,
-    networks_configured,
     preview_clips,
     preview_ids,
     real_moments,
@@ -208,6 +208,11 @@ class GeneratorRun:
     train: TrainResult
     latents: LatentSet
     params: dict[str, Any]
+    eval_s: float = 0.0  # the generation metrics' sampling and features
+
+    @property
+    def work_s(self) -> float:
+        return self.train.work_s + self.eval_s
 
 
 def run_generator(
@@ -306,6 +311,7 @@ def run_generator(
         )
         result = run_training(job, datasets, storage_path=storage.join(out_dir, "ray"))
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
+        eval_started = time.perf_counter()
         metrics.update(
             evaluate_generation(
                 cfg,
@@ -316,6 +322,7 @@ def run_generator(
                 logger=logger,
             )
         )
+        eval_s = time.perf_counter() - eval_started
         if logger:
             logger.log_metrics({f"final/{k.split('/', 1)[-1]}": v for k, v in metrics.items()})
             logger.set_tags({"checkpoint": result.checkpoint_dir})
@@ -324,7 +331,9 @@ def run_generator(
         if logger:
             logger.finish("FAILED")
         raise
-    return GeneratorRun(run_id, result.checkpoint_dir, metrics, result, latent_set, params)
+    return GeneratorRun(
+        run_id, result.checkpoint_dir, metrics, result, latent_set, params, eval_s=eval_s
+    )
 
 
 def evaluate_generation(
@@ -368,10 +377,9 @@ def evaluate_generation(
     reference = None
     if real_split == "val":  # a real set of the generated set's size: the attainable level
         reference = torch.from_numpy(latent_set.pooled("train")[:count])
-    real_networks, real_clips = {}, 0
-    if networks_configured(metrics_cfg):
-        dataset = clip_dataset(prepared, real_split)
-        real_networks, real_clips = real_moments(spec, dataset, count, cfg.data.crop, workers)
+    # The real side in the fixed spaces (pooled pixels; Inception / I3D with weight files).
+    dataset = clip_dataset(prepared, real_split)
+    real_networks, real_clips = real_moments(spec, dataset, count, cfg.data.crop, workers)
     metrics = generation_metrics(generated, real, reference, real_networks, real_clips)
     if logger:
         ids = preview_ids(count, len(names), PREVIEW_PER_CLASS)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Parameters (millions) of one encoder or decoder of each ViTok size (the paper's table).
+SIZE_PARAMS_M: dict[str, float] = {"S": 43.3, "B": 85.8, "L": 383.7}
+
 # 256p ImageNet (x16 spatial compression), c = 16.
 _IMAGE = (1, 256, 256)
 # UCF-101 16 x 128 x 128 video, c = 16.

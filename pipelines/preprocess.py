@@ -17,13 +17,10 @@ import json
 import os
 import sys
 
-from vitok.platform.runtime import use_shipped_code
-
-use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
-
-from vitok.platform import storage  # noqa: E402
-from vitok.platform.config import apply_overrides, flatten  # noqa: E402
-from vitok.platform.data import (  # noqa: E402
+from vitok.pipelines.cli import add_overrides_argument
+from vitok.platform import storage
+from vitok.platform.config import apply_overrides, flatten
+from vitok.platform.data import (
     DataConfig,
     PreparedData,
     RejectedSourceError,
@@ -35,7 +32,7 @@ from vitok.platform.data import (  # noqa: E402
 def build_config(args: argparse.Namespace) -> DataConfig:
     """``--source`` and ``--set`` applied together, then validated once (order never matters)."""
     sources = [f"sources={json.dumps(list(args.source))}"] if args.source else []
-    return apply_overrides(DataConfig(), sources + list(args.set))
+    return apply_overrides(DataConfig(), sources + list(args.overrides))
 
 
 def log_to_mlflow(prepared: PreparedData, uri: str, experiment: str) -> str:
@@ -75,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         help="storage root: a folder, s3://bucket/prefix or a shared mount "
         "(default $VITOK_STORAGE or ./results); shards go to <root>/data/<hash>",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="DataConfig override"
-    )
+    add_overrides_argument(parser, example="frames=8")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     parser.add_argument("--experiment", default="vitok-preprocess")
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs")

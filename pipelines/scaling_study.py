@@ -16,47 +16,43 @@ logged to the parent run and written to the study folder.
 
 from __future__ import annotations
 
-from vitok.platform.runtime import use_shipped_code
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from vitok.pipelines.experiment import (  # noqa: E402
+from vitok.pipelines.cli import (
     ExperimentConfig,
     add_config_arguments,
     dump_config,
     resolve_config,
 )
-from vitok.pipelines.paper import FINDINGS, paper_row  # noqa: E402
-from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
-from vitok.pipelines.search import parse_objective, trial_name  # noqa: E402
-from vitok.platform import storage  # noqa: E402
-from vitok.platform.config import apply_overrides, to_yaml  # noqa: E402
-from vitok.platform.data import ensure_ray  # noqa: E402
-from vitok.platform.report import (  # noqa: E402
+from vitok.pipelines.paper import FINDINGS, paper_row
+from vitok.pipelines.presets import PRESETS, preset
+from vitok.pipelines.search import parse_objective, trial_name
+from vitok.platform import storage
+from vitok.platform.config import apply_overrides, to_yaml
+from vitok.platform.data import ensure_ray
+from vitok.platform.report import (
     console_table,
     markdown_table,
     scaling_figure,
     write_csv,
 )
-from vitok.platform.study import (  # noqa: E402
+from vitok.platform.study import (
     FINISHED,
     StudyStore,
     report_to_tune_callback,
     seeded_optuna_storage,
     study_progress,
 )
-from vitok.platform.tracking import RunLogger, resolve_uri, start_run  # noqa: E402
+from vitok.platform.tracking import RunLogger, resolve_uri, start_run
 
 RECON_METRICS = ("psnr", "ssim", "lpips", "fid", "fvd")
 
@@ -102,6 +98,7 @@ def run_trial(
     if committed is not None:
         tune.report(_scalars(committed))
         return
+    started = time.perf_counter()
     # Concurrent trials' Ray Data progress bars would interleave on the study's console.
     ray.data.DataContext.get_current().enable_progress_bars = False
     node = ray.get_runtime_context().get_node_id()
@@ -123,6 +120,7 @@ def run_trial(
     result.update(_scalars(tok.params))
     result.update(tok.metrics)
     result["tokenizer_checkpoint"] = tok.checkpoint_dir
+    work_s = tok.work_s
     if cfg.generator_train is not None:
         gen = run_generator(
             cfg,
@@ -136,6 +134,12 @@ def run_trial(
         result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
         result["generator_run_id"] = gen.run_id or ""
         result["generator_checkpoint"] = gen.checkpoint_dir
+        work_s += gen.work_s
+    result.update(time_shares(time.perf_counter() - started, work_s))
+    if tok.run_id:  # beside the trial's curves, for the runs table
+        logger = RunLogger(cfg.tracking.uri, tok.run_id)
+        logger.log_metrics({k: v for k, v in result.items() if k.startswith("time/")})
+        logger.close()
     result["node_id"] = node
     store.commit(name, {**result, "params": dict(config), "overrides": list(overrides)})
     store.log_event(name, "finished", node_id=node)
@@ -150,6 +154,7 @@ class StudyResult:
     failed: list[dict[str, Any]]
     fits: dict[str, float]
     parent_run_id: str | None
+    best: dict[str, Any] | None = None  # the registered best tokenizer: trial, uri
 
 
 def _git_commit() -> str:
@@ -186,8 +191,12 @@ def _tuner(
         storage_path=store.path("tune"),
         # A retried trial resumes: committed results return at once, Train runs restore.
         failure_config=FailureConfig(max_failures=search.max_failures),
-        callbacks=[study_progress(store, lambda c: trial_name(trial_overrides(c)), _trial_line)],
-        verbose=1,
+        callbacks=[
+            study_progress(
+                store, lambda c: trial_name(trial_overrides(c)), _trial_line, ["E", *metrics]
+            )
+        ],
+        verbose=0,  # the study's own status table and trial lines instead
     )
     if search.mode == "grid":
         pending = [list(t) for t in _unique_trials(cfg) if trial_name(t) not in done]
@@ -242,12 +251,22 @@ def _tuner(
     return tuner, db
 
 
+def time_shares(wall_s: float, work_s: float) -> dict[str, float]:
+    """A trial's wall time split into work (training steps and evaluation) and the platform's
+    share (start-up, data pipelines, checkpoints, tracking). A resumed trial's work includes
+    the steps done before the restart, so its share is a lower bound (clamped at 0)."""
+    share = max(0.0, 1.0 - work_s / wall_s) if wall_s > 0 else 0.0
+    return {"time/trial_s": wall_s, "time/work_s": work_s, "time/platform_share": share}
+
+
 def _trial_line(result: dict[str, Any]) -> str:
-    """``E=1024, PSNR 21.3 dB, SSIM 0.61`` for the console line of a finished trial."""
+    """``E=1024, PSNR 21.3 dB, SSIM 0.61, platform 12%`` for a finished trial's console line."""
     shown = [f"E={result['E']}"] if "E" in result else []
     for key, label, unit in (("val/psnr", "PSNR", " dB"), ("val/ssim", "SSIM", "")):
         if key in result:
             shown.append(f"{label} {result[key]:.3g}{unit}")
+    if "time/platform_share" in result:
+        shown.append(f"platform {result['time/platform_share']:.0%}")
     return ", ".join(shown) or "no metrics"
 
 
@@ -363,7 +382,7 @@ def preflight(cfg: ExperimentConfig, wait_s: float = 1800.0) -> bool:
                 f"data source {src!r} does not exist here; pass --data /path/to/dataset "
                 "(a folder of videos or images at the same path on every node)"
             )
-    ensure_ray()
+    ensure_ray(log_to_driver=False)  # trials' output: MLflow and `ray logs`; here the table
     more, wanted = resource_problems(cfg)
     problems += more
     if problems:
@@ -458,10 +477,52 @@ def _run_claimed_study(
             release_request()
     rows, failed = _collect(store, errors)
     fits = write_report(cfg, store, rows, failed, logger)
+    best = register_best(cfg, store, rows)
     if logger:
         logger.log_metrics({f"r2/{k}": v for k, v in fits.items()})
+        if best:
+            logger.set_tags({"vitok.best_trial": best["trial"], "vitok.best_model": best["uri"]})
         logger.finish("FINISHED" if rows else "FAILED")
-    return StudyResult(store, rows, failed, fits, parent)
+    return StudyResult(store, rows, failed, fits, parent, best)
+
+
+def register_best(
+    cfg: ExperimentConfig, store: StudyStore, rows: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Register the best trial's tokenizer (first objective) as an MLflow model version,
+    once per best trial (a resumed study with the same best registers nothing new)."""
+    from vitok.pipelines.tokenizer_stage import register_tokenizer
+
+    name = cfg.tracking.registered_model
+    metric, mode = parse_objective(cfg.search.objectives[0])
+    key = objective_key(metric)
+    scored = [r for r in rows if isinstance(r.get(key), int | float) and r.get("tokenizer_run_id")]
+    if not name or not cfg.tracking.enabled or not scored:
+        return None
+    best = (max if mode == "max" else min)(scored, key=lambda r: r[key])
+    record_uri = store.path("registered_model.json")
+    if storage.exists(record_uri):
+        record = storage.read_json(record_uri)
+        if record.get("trial") == best["trial"]:
+            return record
+    overrides = store.results()[best["trial"]].get("overrides", [])
+    tokenizer = apply_overrides(cfg, list(overrides)).tokenizer
+    tags = {"study": store.name, "trial": best["trial"], key: best[key], "E": best.get("E", "")}
+    try:
+        uri = register_tokenizer(
+            cfg.tracking.uri,
+            best["tokenizer_run_id"],
+            best["tokenizer_checkpoint"],
+            tokenizer,
+            name,
+            tags,
+        )
+    except Exception as err:  # e.g. a tracking store without a model registry
+        print(f"[vitok] warning: could not register the best tokenizer as {name!r}: {err}")
+        return None
+    record = {"trial": best["trial"], "uri": uri, key: best[key]}
+    storage.write_json(record_uri, record)
+    return record
 
 
 def check_resumable(store: StudyStore, cfg: ExperimentConfig, *, force: bool) -> None:
@@ -519,6 +580,7 @@ PLOT_METRICS = [
     ("val/fid", "rFID"),
     ("val/fvd", "rFVD"),
     ("gen/diffusion_loss", "val diffusion loss"),
+    ("gen/frechet_pixels", "Frechet distance, 4x4-pooled frames"),
     ("gen/gfid", "gFID"),
     ("gen/gfvd", "gFVD"),
 ]
@@ -541,8 +603,8 @@ TABLE_COLUMNS = [
     "val/fvd",
     "gen/diffusion_loss",
     "gen/samples",  # generated samples behind the Frechet distances beside it
-    "gen/frechet_tokenizer_latent",
-    "gen/gfid",
+    "gen/frechet_pixels",  # a fixed space shared by every trial (frechet_tokenizer_latent
+    "gen/gfid",  # is in each tokenizer's own latent space: in its trial's run only)
     "gen/gfvd",
 ]
 
@@ -704,7 +766,7 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
         "decoder_params_M",
         "val/psnr",
         "val/ssim",
-        "gen/frechet_tokenizer_latent",
+        "gen/frechet_pixels",
     ]
     columns = [c for c in columns if any(c in r for r in result.rows)]
     print()
@@ -718,10 +780,28 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
         print(f"  failed: {trial['trial']}: {trial['error']}")
     for key, r2 in sorted(result.fits.items()):
         print(f"  R^2 {key}: {r2:.3f}")
+    print_time_shares(result.rows)
+    if result.best:
+        print(f"  best model:  {result.best['uri']} (trial {result.best['trial']})")
     print(f"  report:      {result.store.path('report', 'report.md')}")
     uri = resolve_uri(cfg.tracking.uri)
     print(
         f"  mlflow:      mlflow ui --backend-store-uri {uri}   (parent run {result.parent_run_id})"
+    )
+
+
+def print_time_shares(rows: list[dict[str, Any]]) -> None:
+    """The platform's share of the trials' wall time (what is not training or evaluating)."""
+    timed = [r for r in rows if r.get("time/trial_s")]
+    if not timed:
+        return
+    wall = sum(r["time/trial_s"] for r in timed)
+    work = sum(r["time/work_s"] for r in timed)
+    worst = max(timed, key=lambda r: r["time/platform_share"])
+    print(
+        f"  time:        {work / 60:.1f} of {wall / 60:.1f} trial-minutes training and "
+        f"evaluating; platform overhead {max(0.0, 1 - work / wall):.0%} "
+        f"(worst {worst['trial']} {worst['time/platform_share']:.0%})"
     )
 
 

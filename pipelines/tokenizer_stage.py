@@ -77,6 +77,9 @@ class MakeEvaluator:
 
 
 # ----------------------------------------------------------------------------- params
+SWEEP_AXES = ("E", "log2_E", "L", "c", "p", "q", "encoder_params_M", "decoder_params_M", "gflops")
+
+
 def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
     """What a run logs about its tokenizer: variant, p, q, c, E, L, sizes, params, FLOPs."""
     counts = param_counts(model)
@@ -202,6 +205,24 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint_dir: str, model: Tokenize
     return info.model_uri
 
 
+def register_tokenizer(
+    uri: str,
+    run_id: str,
+    checkpoint_dir: str,
+    model: TokenizerConfig,
+    name: str,
+    tags: dict[str, Any],
+) -> str:
+    """Log the tokenizer as an MLflow model in ``run_id`` and register it as a new version
+    of ``name``; returns ``models:/<name>/<version>`` (loadable with
+    ``mlflow.pyfunc.load_model``)."""
+    import mlflow
+
+    model_uri = log_mlflow_model(uri, run_id, checkpoint_dir, model)
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return f"models:/{name}/{version.version}"
+
+
 # ----------------------------------------------------------------------------- stages
 @dataclass
 class TokenizerRun:
@@ -211,6 +232,11 @@ class TokenizerRun:
     checkpoint_dir: str
     metrics: dict[str, float]
     params: dict[str, Any]
+
+    @property
+    def work_s(self) -> float:
+        """Seconds in training steps and evaluation over both stages."""
+        return self.stage1.work_s + (self.stage2.work_s if self.stage2 else 0.0)
 
 
 def _datasets(prepared: PreparedData) -> dict[str, Any]:
@@ -251,8 +277,12 @@ def run_tokenizer(
         logger.log_params(params)
         logger.log_params({"config": to_dict(cfg)})
         logger.log_text(dump_config(cfg), "config.yaml")
+        # The sweep axes as metrics too: MLflow's scatter and parallel-coordinates charts
+        # plot metrics against metrics (x = axis/E, y = final/psnr for the E sweep).
+        axes = {f"axis/{k}": v for k, v in params.items() if k in SWEEP_AXES}
         logger.log_metrics(
             {
+                **axes,
                 "data/train_clips": prepared.num_train,
                 "data/val_clips": prepared.num_val,
                 "data/rejects": prepared.num_rejects,

@@ -13,29 +13,26 @@ command resumes the generator's training and its MLflow run. The generation metr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from vitok.platform.runtime import use_shipped_code
-
-use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
-
-from vitok.pipelines.experiment import (  # noqa: E402
+from vitok.pipelines.cli import (
     ExperimentConfig,
-    add_config_arguments,
-    dump_config,
+    config_from_args,
+    config_parser,
+    preset,
     print_run_summary,
     resolve_config,
+    show_config,
+    with_data,
 )
-from vitok.pipelines.generator_stage import run_generator  # noqa: E402
-from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
-from vitok.platform.config import apply_overrides, from_yaml  # noqa: E402
-from vitok.platform.data import ensure_ray, prepare  # noqa: E402
-from vitok.platform.tracking import resolve_uri  # noqa: E402
+from vitok.pipelines.generator_stage import run_generator
+from vitok.platform.config import apply_overrides, from_yaml
+from vitok.platform.data import ensure_ray, prepare
+from vitok.platform.tracking import resolve_uri
 
 
 def tokenizer_from_run(uri: str, run_id: str) -> tuple[str, ExperimentConfig | None]:
@@ -58,12 +55,10 @@ def tokenizer_from_run(uri: str, run_id: str) -> tuple[str, ExperimentConfig | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_arguments(parser, sorted(PRESETS))
+    parser = config_parser(__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer-checkpoint", type=Path, help="a tokenizer checkpoint folder")
     source.add_argument("--tokenizer-run", help="an MLflow tokenizer run id (its checkpoint tag)")
-    parser.add_argument("--data", default=None, help="a folder of videos or images")
     parser.add_argument("--name", default=None, help="the generator run's name")
     parser.add_argument("--parent-run", default=None, help="an MLflow parent run id")
     args = parser.parse_args(argv)
@@ -73,21 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         base = resolve_config(args, preset("tokenizer-demo"), preset)
         checkpoint, run_cfg = tokenizer_from_run(resolve_uri(base.tracking.uri), tokenizer_run_id)
         if run_cfg is not None and args.preset is None and args.config is None:
-            cfg = apply_overrides(run_cfg, args.overrides)
+            cfg = with_data(apply_overrides(run_cfg, args.overrides), args.data)
         else:
-            cfg = base
+            cfg = with_data(base, args.data)
     else:
-        if args.preset is None and args.config is None:
-            args.preset = "tokenizer-demo"
-        cfg = resolve_config(args, preset("tokenizer-demo"), preset)
+        cfg = config_from_args(parser, args, "tokenizer-demo")
         checkpoint = str(args.tokenizer_checkpoint)
-    if args.data:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(args.data,)))
     if cfg.generator_train is None:
         print("[vitok] no generator_train section: using the tokenizer's train settings")
         cfg = dataclasses.replace(cfg, generator_train=cfg.train)
-    if args.print_config:
-        print(dump_config(cfg))
+    if show_config(args, cfg):
         return 0
 
     t0 = time.perf_counter()
@@ -101,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         run_name=args.name,
         tokenizer_run_id=tokenizer_run_id,
     )
-    minutes = (time.perf_counter() - t0) / 60
-    title = (
+    what = (
         f"DiT-{cfg.generator.size} on {cfg.tokenizer.variant} latents "
-        f"{tuple(run.latents.latent_shape)} trained in {minutes:.1f} min"
+        f"{tuple(run.latents.latent_shape)}"
     )
-    print_run_summary(title, run.metrics, run.checkpoint_dir, run.run_id, cfg.tracking.uri)
+    print_run_summary(what, run, cfg.tracking.uri, started=t0)
     return 0
 
 

@@ -10,50 +10,28 @@ the same MLflow run.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 import time
 
-from vitok.platform.runtime import use_shipped_code
-
-use_shipped_code()  # a Ray job runs the code it shipped, never a stale installed copy
-
-from vitok.pipelines.experiment import (  # noqa: E402
-    add_config_arguments,
-    dump_config,
-    print_run_summary,
-    resolve_config,
-)
-from vitok.pipelines.presets import PRESETS, preset  # noqa: E402
-from vitok.pipelines.tokenizer_stage import run_tokenizer  # noqa: E402
-from vitok.platform.data import ensure_ray, prepare  # noqa: E402
+from vitok.pipelines.cli import config_from_args, config_parser, print_run_summary, show_config
+from vitok.pipelines.tokenizer_stage import run_tokenizer
+from vitok.platform.data import ensure_ray, prepare
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_arguments(parser, sorted(PRESETS))
-    parser.add_argument("--data", default=None, help="a folder of videos or images")
+    parser = config_parser(__doc__.split("\n")[0])
     parser.add_argument("--no-model", action="store_true", help="skip logging an MLflow model")
     args = parser.parse_args(argv)
-    if args.preset is None and args.config is None:
-        args.preset = "tokenizer-demo"
-    cfg = resolve_config(args, preset("tokenizer-demo"), preset)
-    if args.data:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(args.data,)))
-    if args.print_config:
-        print(dump_config(cfg))
+    cfg = config_from_args(parser, args, "tokenizer-demo")
+    if show_config(args, cfg):
         return 0
     t0 = time.perf_counter()
     ensure_ray()
     prepared = prepare(cfg.data, cfg.storage.uri)
     run = run_tokenizer(cfg, prepared, log_model=not args.no_model)
-    minutes = (time.perf_counter() - t0) / 60
-    title = (
-        f"{cfg.tokenizer.variant} c={cfg.tokenizer.channels} E={cfg.tokenizer.latent_floats} "
-        f"trained in {minutes:.1f} min"
-    )
-    print_run_summary(title, run.metrics, run.checkpoint_dir, run.run_id, cfg.tracking.uri)
+    tok = cfg.tokenizer
+    what = f"{tok.variant} c={tok.channels} E={tok.latent_floats}"
+    print_run_summary(what, run, cfg.tracking.uri, started=t0)
     return 0
 
 

@@ -240,11 +240,13 @@ def _write_reject(reject_dir: str, path: str, reason: str) -> None:
     )
 
 
-def ensure_ray() -> None:
+def ensure_ray(log_to_driver: bool = True) -> None:
     """Use the running Ray; else attach to ``RAY_ADDRESS`` (a job) or start a local one.
 
     Workers run the code this driver runs (``ray_runtime_env``), and the dashboard stays
     on: Tune's placement-group cleanup after an early stop needs its state API.
+    ``log_to_driver=False`` keeps the workers' output in Ray's log files (``ray logs``) and
+    off this console (a study shows its own status table instead).
     """
     import ray
 
@@ -253,9 +255,9 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=ray_runtime_env())
+        ray.init(runtime_env=ray_runtime_env(), log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", runtime_env=ray_runtime_env())
+        ray.init(address="local", runtime_env=ray_runtime_env(), log_to_driver=log_to_driver)
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -16,33 +16,76 @@ Conventions
 - Weight files come from `MetricsConfig` or the environment (VITOK_INCEPTION_WEIGHTS,
   VITOK_I3D_WEIGHTS). Without one the metric is skipped and a message names it, once per
   process. Nothing downloads.
+
+Where things are: ``pixel_metrics`` (conversions, PSNR, SSIM, LPIPS), ``frechet`` (the
+distance and ``FeatureMoments``), ``features`` (network features, batched and over a Ray
+dataset). This module holds the config, the skip rule, the per-worker ``MetricState``, the
+weight loaders and ``ReconstructionMetrics``, and re-exports the rest: import from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from vitok.platform import fvd, inception
 from vitok.platform.config import check_choice
+from vitok.platform.features import (
+    FeatureExtractor,
+    clip_features,
+    dataset_feature_moments,
+    frame_features,
+)
+from vitok.platform.frechet import FeatureMoments, frechet_distance, frechet_from_moments
+from vitok.platform.pixel_metrics import (
+    PSNR_MAX_DB,
+    LpipsFn,
+    as_clips,
+    lpips_per_clip,
+    pair_clips,
+    psnr,
+    ssim,
+    to_uint8,
+    to_unit_float,
+)
+
+__all__ = [
+    "I3D_ENV",
+    "INCEPTION_ENV",
+    "PSNR_MAX_DB",
+    "FeatureExtractor",
+    "FeatureMoments",
+    "LpipsFn",
+    "MetricState",
+    "MetricsConfig",
+    "ReconstructionMetrics",
+    "announce_skip",
+    "as_clips",
+    "clip_features",
+    "dataset_feature_moments",
+    "frame_features",
+    "frechet_distance",
+    "frechet_from_moments",
+    "load_i3d",
+    "load_inception",
+    "lpips_per_clip",
+    "psnr",
+    "resolve_weights",
+    "ssim",
+    "to_uint8",
+    "to_unit_float",
+]
 
 log = logging.getLogger(__name__)
 
-LpipsFn = Callable[[Tensor, Tensor], Tensor]
 INCEPTION_ENV = "VITOK_INCEPTION_WEIGHTS"
 I3D_ENV = "VITOK_I3D_WEIGHTS"
-PSNR_MAX_DB = 10 * math.log10(255.0**2 / 1e-10)  # identical frames: a finite ceiling, not inf
 
 
 # ----------------------------------------------------------------------------- config
@@ -118,191 +161,7 @@ def resolve_weights(
     return path
 
 
-# ----------------------------------------------------------------------------- conversion
-def to_uint8(x: Tensor) -> Tensor:
-    """uint8 passes through; float in [-1, 1] -> uint8 via round((x + 1) * 127.5), clamped."""
-    if x.dtype == torch.uint8:
-        return x
-    if not x.is_floating_point():
-        raise TypeError(f"expected uint8 or float in [-1, 1], got {x.dtype}")
-    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def to_unit_float(x: Tensor) -> Tensor:
-    """uint8 -> float in [-1, 1] (the model-boundary range); float passes through."""
-    if x.dtype == torch.uint8:
-        return x.float() / 127.5 - 1
-    return x
-
-
-def as_clips(x: Tensor) -> Tensor:
-    """(B, H, W, 3) images -> (B, 1, H, W, 3); (B, T, H, W, 3) passes through."""
-    if x.ndim == 4:
-        x = x.unsqueeze(1)
-    if x.ndim != 5 or x.shape[-1] != 3:
-        raise ValueError(f"expected (B, T, H, W, 3) or (B, H, W, 3), got {tuple(x.shape)}")
-    return x
-
-
-def _pair(real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
-    real, fake = as_clips(to_uint8(real)), as_clips(to_uint8(fake))
-    if real.shape != fake.shape:
-        raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} differ")
-    return real, fake
-
-
-# ----------------------------------------------------------------------------- PSNR / SSIM
-def psnr(real: Tensor, fake: Tensor) -> Tensor:
-    """real, fake: (B, T, H, W, 3) uint8 or float in [-1, 1] -> (B,) PSNR in dB, per clip.
-
-    Per frame 10 log10(255^2 / MSE) over (H, W, 3), then the mean over the T frames.
-    """
-    real, fake = _pair(real, fake)
-    diff = real.double() - fake.double()
-    mse = diff.square().mean(dim=(2, 3, 4))  # (B, T)
-    frame_db = 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))  # (B, T)
-    return frame_db.mean(dim=1).float()
-
-
-def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> Tensor:
-    # scipy.ndimage.gaussian_filter's kernel; radius 5 -> 11 taps for sigma 1.5.
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    window = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return window / window.sum()
-
-
-def ssim(real: Tensor, fake: Tensor) -> Tensor:
-    """real, fake: (B, T, H, W, 3) uint8 or float in [-1, 1] -> (B,) SSIM, per clip.
-
-    scikit-image's Gaussian SSIM (sigma 1.5, 11 taps, population covariance, data_range 255,
-    K1 0.01, K2 0.03), averaged over channels and the valid area (5 pixels from each border are
-    cropped, which is exactly the part where scikit-image's reflect padding would matter, so a
-    'valid' convolution gives the same numbers). Computed on [0, 1]-scaled values in float32
-    (SSIM is invariant to that scaling with constants scaled alike), batched on the device.
-    """
-    real, fake = _pair(real, fake)
-    b, t, h, w, _ = real.shape
-    window = _gaussian_window().to(device=real.device, dtype=torch.float32)
-    k = window.numel()
-    if min(h, w) < k:
-        raise ValueError(f"SSIM needs frames of at least {k}x{k}, got {h}x{w}")
-    x = rearrange(real, "b t h w c -> (b t) c h w").float() / 255.0
-    y = rearrange(fake, "b t h w c -> (b t) c h w").float() / 255.0
-    kernel_h = window.view(1, 1, k, 1).expand(3, 1, k, 1)
-    kernel_w = window.view(1, 1, 1, k).expand(3, 1, 1, k)
-
-    def blur(z: Tensor) -> Tensor:  # separable depthwise 'valid' Gaussian filter
-        return F.conv2d(F.conv2d(z, kernel_h, groups=3), kernel_w, groups=3)
-
-    # One pass over the five stacked moments: (5 * BT, 3, H - 10, W - 10).
-    stats = blur(torch.cat([x, y, x * x, y * y, x * y], dim=0))
-    ux, uy, uxx, uyy, uxy = stats.chunk(5, dim=0)
-    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    per_frame = s.double().mean(dim=(1, 2, 3)).view(b, t)  # (B, T)
-    return per_frame.mean(dim=1).float()
-
-
-def lpips_per_clip(lpips_fn: LpipsFn, real: Tensor, fake: Tensor) -> Tensor:
-    """Mean of the injected LPIPS over each clip's frames: -> (B,).
-
-    `lpips_fn(real, fake)` gets frames (B*T, H, W, 3) float in [-1, 1] and returns one
-    distance per frame (any shape with B*T elements).
-    """
-    real, fake = _pair(real, fake)
-    b, t = real.shape[:2]
-    frames_real = to_unit_float(rearrange(real, "b t h w c -> (b t) h w c"))
-    frames_fake = to_unit_float(rearrange(fake, "b t h w c -> (b t) h w c"))
-    with torch.no_grad():
-        per_frame = lpips_fn(frames_real, frames_fake).float().reshape(b, t)  # (B, T)
-    return per_frame.mean(dim=1)
-
-
-# ----------------------------------------------------------------------------- Frechet distance
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric PSD square root via eigh (negative round-off eigenvalues clipped to 0)."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
-
-    tr((S1 S2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the
-    symmetric PSD matrix S1^(1/2) S2 S1^(1/2) (same spectrum as S1 S2), so no complex
-    round-off or singular-matrix offset is needed.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape}")
-    root1 = _sqrt_psd(sigma1)
-    middle = root1 @ sigma2 @ root1
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    diff = mu1 - mu2
-    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-    # The distance is >= 0; a tiny negative value is round-off from near-zero eigenvalues.
-    return max(distance, 0.0)
-
-
 # ----------------------------------------------------------------------------- accumulators
-class FeatureMoments:
-    """Exact sums of features for a mean and covariance: n, sum x (D,), sum x x^T (D, D).
-
-    Sums are float64 on the device of the first update; `merge` and `all_reduce` add them,
-    so any split of the data across batches and workers gives the one-shot statistic.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total: Tensor | None = None  # (D,) float64
-        self.outer: Tensor | None = None  # (D, D) float64
-
-    def update(self, features: Tensor) -> None:
-        """features: (N, D)."""
-        if features.ndim != 2:
-            raise ValueError(f"features must be (N, D), got {tuple(features.shape)}")
-        x = features.detach().double()
-        if self.total is None:
-            self.total = x.new_zeros(x.shape[1])
-            self.outer = x.new_zeros(x.shape[1], x.shape[1])
-        if x.shape[1] != self.total.shape[0]:
-            raise ValueError(f"feature dim {x.shape[1]} != {self.total.shape[0]} seen before")
-        x = x.to(self.total.device)
-        self.count += x.shape[0]
-        self.total += x.sum(dim=0)
-        self.outer += x.T @ x  # (D, D)
-
-    def merge(self, other: FeatureMoments) -> FeatureMoments:
-        if other.total is None:
-            return self
-        if self.total is None:
-            self.total, self.outer = other.total.clone(), other.outer.clone()
-        else:
-            self.total += other.total.to(self.total.device)
-            self.outer += other.outer.to(self.outer.device)
-        self.count += other.count
-        return self
-
-    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """(D,), (D, D) float64: the mean and the unbiased (n - 1) covariance, as np.cov."""
-        if self.total is None or self.count < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
-        n = self.count
-        mean = self.total.cpu().numpy() / n
-        cov = (self.outer.cpu().numpy() - n * np.outer(mean, mean)) / (n - 1)
-        return mean, cov
-
-
-def frechet_from_moments(a: FeatureMoments, b: FeatureMoments) -> float:
-    return frechet_distance(*a.mean_cov(), *b.mean_cov())
-
-
 def _reduce_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -390,25 +249,6 @@ def load_i3d(config: MetricsConfig, device: torch.device | str = "cpu"):
     return None if path is None else fvd.load_i3d(path, device)
 
 
-def frame_features(model: inception.FIDInceptionV3, clips: Tensor, batch_size: int = 32) -> Tensor:
-    """clips: (B, T, H, W, 3) uint8 or float in [-1, 1] -> (B*T, 2048): FID is per frame."""
-    frames = rearrange(as_clips(to_uint8(clips)), "b t h w c -> (b t) h w c")
-    return inception.inception_features(model, frames, batch_size)
-
-
-def clip_features(
-    model: torch.jit.ScriptModule,
-    clips: Tensor,
-    num_frames: int = fvd.FVD_NUM_FRAMES,
-    batch_size: int = 32,
-) -> Tensor:
-    """clips: (B, T, H, W, 3), T >= num_frames -> (B * (T // num_frames), 400) I3D features."""
-    windows = fvd.fvd_windows(as_clips(to_uint8(clips)), num_frames)  # (B', 16, H, W, 3)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    chunks = [fvd.i3d_features(model, chunk, device) for chunk in windows.split(batch_size)]
-    return torch.cat(chunks, dim=0)
-
-
 # ----------------------------------------------------------------------------- evaluators
 class ReconstructionMetrics:
     """Accumulates PSNR, SSIM, LPIPS, FID (per frame) and FVD over (real, reconstruction) batches.
@@ -439,7 +279,7 @@ class ReconstructionMetrics:
     @torch.no_grad()
     def update(self, real: Tensor, fake: Tensor) -> None:
         """real, fake: (B, T, H, W, 3) uint8 or float in [-1, 1]."""
-        real, fake = _pair(real, fake)
+        real, fake = pair_clips(real, fake)
         self.state.add_values("psnr", psnr(real, fake))
         self.state.add_values("ssim", ssim(real, fake))
         if self.lpips_fn is not None:
@@ -469,82 +309,3 @@ class ReconstructionMetrics:
                     continue
                 results[metric] = frechet_from_moments(real, fake)
         return results
-
-
-# ----------------------------------------------------------------------------- Ray Data path
-class FeatureExtractor:
-    """Ray Data batch-inference callable (one network per actor).
-
-    A batch {column: (N, T, H, W, 3) uint8} -> {"features": (N*T, 2048)} for "inception"
-    (per frame) or {"features": (N * (T // 16), 400)} for "i3d".
-    """
-
-    def __init__(
-        self,
-        network: str,
-        weights: str,
-        column: str = "clip",
-        device: str = "cpu",
-        num_frames: int = fvd.FVD_NUM_FRAMES,
-        batch_size: int = 32,
-    ):
-        if network not in ("inception", "i3d"):
-            raise ValueError(f"network={network!r} is not allowed; choose 'inception' or 'i3d'")
-        self.network, self.column = network, column
-        self.num_frames, self.batch_size = num_frames, batch_size
-        if network == "inception":
-            self.model = inception.load_fid_inception(weights, device)
-        else:
-            self.model = fvd.load_i3d(weights, device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        column = batch[self.column]
-        if column.dtype == object:  # ragged tensor column: one array per row
-            column = np.stack(list(column))
-        clips = torch.from_numpy(np.array(column))  # Ray hands read-only views; copy
-        if self.network == "inception":
-            features = frame_features(self.model, clips, self.batch_size)
-        else:
-            features = clip_features(self.model, clips, self.num_frames, self.batch_size)
-        return {"features": features.cpu().float().numpy()}
-
-
-def dataset_feature_moments(
-    dataset,
-    network: str,
-    weights: str | Path,
-    *,
-    column: str = "clip",
-    num_actors: int = 1,
-    batch_size: int = 16,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    num_frames: int = fvd.FVD_NUM_FRAMES,
-) -> FeatureMoments:
-    """Feature moments of a whole `ray.data.Dataset` of clips, inferred by an actor pool.
-
-    Each actor loads the network once; the driver only sums the streamed (rows, D) features.
-    """
-    from ray.data import ActorPoolStrategy
-
-    device = "cuda" if num_gpus > 0 else "cpu"
-    features = dataset.select_columns([column]).map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs={
-            "network": network,
-            "weights": str(weights),
-            "column": column,
-            "device": device,
-            "num_frames": num_frames,
-            "batch_size": batch_size,
-        },
-        compute=ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
-    moments = FeatureMoments()
-    for batch in features.iter_batches(batch_size=1024, batch_format="numpy"):
-        moments.update(torch.from_numpy(batch["features"]))
-    return moments

@@ -4,7 +4,7 @@
 every node and puts it first on ``PYTHONPATH``. That alone is not enough: ``vitok.*`` is a
 namespace mapped onto the repo folders by the (editable) install, so ``import vitok.tokenizer``
 would still load the copy installed when the cluster came up. ``use_shipped_code()`` maps the
-four packages onto the shipped folders instead; entry points call it before any other vitok
+packages onto the shipped folders instead; entry points call it before any other vitok
 import, and ``ray_runtime_env()`` makes every Ray worker of the job call it before it
 unpickles anything::
 
@@ -14,6 +14,9 @@ unpickles anything::
         use_shipped_code()          # first, before importing other vitok modules
         ...
         ray.init(runtime_env=ray_runtime_env())
+
+The entry points in ``pipelines/`` get the first call from their first vitok import,
+``vitok.pipelines.cli``, which calls it before it loads anything else.
 
 Outside a Ray job (no repo on ``PYTHONPATH``) both are no-ops: the installed copy is the code.
 """
@@ -33,6 +36,7 @@ from typing import Any
 # vitok package -> repo folder (pyproject.toml's [tool.setuptools.package-dir]).
 PACKAGES: dict[str, str] = {
     "vitok.platform": "platform",
+    "vitok.layers": "layers",
     "vitok.tokenizer": "tokenizer",
     "vitok.generator": "generator",
     "vitok.pipelines": "pipelines",
@@ -42,7 +46,7 @@ SETUP_HOOK = "vitok.platform.runtime.use_shipped_code"
 
 
 class _ShippedFinder(importlib.abc.MetaPathFinder):
-    """Resolves the four vitok packages to ``root/<folder>``; submodules follow ``__path__``."""
+    """Resolves the vitok packages to ``root/<folder>``; submodules follow ``__path__``."""
 
     def __init__(self, root: Path) -> None:
         self.vitok_root = root
@@ -96,12 +100,19 @@ def _loaded(prefixes: tuple[str, ...]) -> list[str]:
     ]
 
 
-def use_shipped_code(root: Path | str | None = None) -> Path | None:
-    """Map ``vitok.platform/tokenizer/generator/pipelines`` onto ``root`` (default: the job's).
+def use_shipped_code(
+    root: Path | str | None = None, *, importing: str | None = None
+) -> Path | None:
+    """Map the ``vitok.*`` packages (``PACKAGES``) onto ``root`` (default: the job's).
 
     Returns the root in use, or None when there is nothing to map (no repo on PYTHONPATH).
     Idempotent. Raises ``RuntimeError`` when a vitok module other than this one was already
     imported from another copy: that module would be stale, so the caller must call this first.
+
+    ``importing`` names the module that calls this while it is itself being imported (the
+    entry points' launcher, ``vitok.pipelines.cli``). That module keeps its ``sys.modules``
+    entry, as its import is still under way; it comes from whichever copy was found first,
+    so it must hold no logic of its own.
     """
     root = Path(root).resolve() if root is not None else shipped_root()
     if root is None:
@@ -111,8 +122,8 @@ def use_shipped_code(root: Path | str | None = None) -> Path | None:
             return root
     stale = []
     for name in _loaded(tuple(PACKAGES)):
-        if name == __name__ or name in PACKAGES:
-            continue  # this module (already running) and the package objects are replaced
+        if name in (__name__, importing) or name in PACKAGES:
+            continue  # the modules already running, and the package objects (replaced)
         folder = root / PACKAGES[".".join(name.split(".")[:2])]
         if not all(p.is_relative_to(folder) for p in _origin(sys.modules[name])):
             stale.append(f"{name} ({sys.modules[name].__file__})")
@@ -124,9 +135,10 @@ def use_shipped_code(root: Path | str | None = None) -> Path | None:
         )
     for name in _loaded(tuple(PACKAGES)):
         # Re-imported from root on next use; this running function needs no module entry.
-        del sys.modules[name]
+        if name != importing:
+            del sys.modules[name]
     vitok = sys.modules.get("vitok")
-    for attr in ("platform", "tokenizer", "generator", "pipelines"):
+    for attr in (name.removeprefix("vitok.") for name in PACKAGES):
         if vitok is not None and hasattr(vitok, attr):
             delattr(vitok, attr)
     sys.meta_path.insert(0, _ShippedFinder(root))
@@ -152,7 +164,7 @@ def package_root(package: str = "vitok.tokenizer") -> Path:
 
 
 def code_fingerprint(root: Path | str | None = None) -> str:
-    """sha256 (16 hex digits) over every ``*.py`` file of the four package folders under root.
+    """sha256 (16 hex digits) over every ``*.py`` file of the package folders under root.
 
     ``root`` defaults to where ``vitok.tokenizer`` was imported from, so two processes that
     print the same fingerprint run the same code.

@@ -194,15 +194,110 @@ def report_to_tune_callback(required: Sequence[str], constants: Mapping[str, Any
     return _ReportObjectives()
 
 
+class StatusTable:
+    """The study's live status: one row per trial (state, its last objective values, minutes).
+
+    On a terminal it is redrawn in place (at most every ``interval_s``); lines printed
+    through ``line`` appear above it. Elsewhere (a log file, CI) only the lines are printed.
+    """
+
+    def __init__(self, columns: Sequence[str], interval_s: float = 2.0, stream: Any = None):
+        import sys
+
+        self.columns = list(columns)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.stream = stream or sys.stdout
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval_s = interval_s
+        self.drawn = 0  # lines of the table now on screen
+        self.last_draw = 0.0
+
+    def update(self, name: str, **values: Any) -> None:
+        row = self.rows.setdefault(name, {"state": "pending", "since": time.time()})
+        if values.get("state") == "running" and row["state"] != "running":
+            row["since"] = time.time()
+        row.update(values)
+
+    def line(self, text: str) -> None:
+        self._clear()
+        print(text, file=self.stream, flush=True)
+        self.draw(force=True)
+
+    def draw(self, force: bool = False) -> None:
+        if not self.live or not self.rows:
+            return
+        if not force and time.monotonic() - self.last_draw < self.interval_s:
+            return
+        self._clear()
+        text = self.render()
+        print(text, file=self.stream, flush=True)
+        self.drawn = text.count("\n") + 1
+        self.last_draw = time.monotonic()
+
+    def render(self) -> str:
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        head = ["trial", "state", *self.columns, "min"]
+        body = []
+        for name, row in self.rows.items():
+            minutes = (row.get("end", time.time()) - row["since"]) / 60
+            cells = [_cell(row.get(c)) for c in self.columns]
+            body.append([name, row["state"], *cells, f"{minutes:.1f}"])
+        widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [head, *body]]
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        return "\n".join([f"[vitok] trials: {summary}", *lines])
+
+    def _clear(self) -> None:
+        if self.live and self.drawn:
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")  # up to the table's top, erase
+            self.drawn = 0
+
+
+def _last_line(error_file: str | None) -> str:
+    """The exception line of a Tune error file, and where the whole traceback is."""
+    try:
+        lines = [x for x in storage.read_text(error_file).splitlines() if x.strip()]
+    except Exception:
+        return str(error_file)
+    return f"{lines[-1] if lines else '?'} (traceback: {error_file})"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def study_progress(
-    store: StudyStore, trial_name: Callable[[dict], str], summary: Callable[[dict], str]
+    store: StudyStore,
+    trial_name: Callable[[dict], str],
+    summary: Callable[[dict], str],
+    columns: Sequence[str] = (),
 ) -> Any:
-    """A Tune callback on the study driver: one line per trial that ends (``summary`` of its
-    result), and a trial the scheduler stopped early (ASHA) committed as ``stopped`` with its
-    last result, so a resumed study does not rerun it."""
+    """A Tune callback on the study driver: a status table of the trials (``columns`` of
+    their last results; redrawn in place on a terminal), one line per trial that ends
+    (``summary`` of its result), and a trial the scheduler stopped early (ASHA) committed as
+    ``stopped`` with its last result, so a resumed study does not rerun it."""
     from ray.tune import Callback
 
+    table = StatusTable(columns)
+
     class _StudyProgress(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any):
+            for other in trials:  # the searcher's queue, as pending rows
+                table.update(trial_name(other.config))
+            table.update(trial_name(trial.config), state="running")
+            table.draw(force=True)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+            table.update(trial_name(trial.config), **{c: result.get(c) for c in columns})
+            table.draw()
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any):
+            table.draw()
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
             name = trial_name(trial.config)
             last = {
@@ -215,10 +310,13 @@ def study_progress(
                 store.commit(name, {**last, "params": dict(trial.config)}, status=STOPPED)
                 status = STOPPED
             minutes = float((trial.last_result or {}).get("time_total_s", 0.0)) / 60
-            print(f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min", flush=True)
+            table.update(name, state=status, end=time.time(), **{c: last.get(c) for c in columns})
+            table.line(f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
-            print(f"[vitok] trial {trial_name(trial.config)} failed: {trial.error_file}")
+            name = trial_name(trial.config)
+            table.update(name, state="error", end=time.time())
+            table.line(f"[vitok] trial {name} failed: {_last_line(trial.error_file)}")
 
     return _StudyProgress()
 
@@ -257,6 +355,7 @@ def seeded_optuna_storage(
 __all__ = [
     "FINISHED",
     "STOPPED",
+    "StatusTable",
     "StudyStore",
     "study_progress",
     "report_to_tune_callback",

@@ -350,11 +350,53 @@ def orphans(root: Path | None = None, *, exclude: Path | None = None) -> list[Pa
     return found
 
 
+_REPORTED_ORPHANS: set[str] = set()  # other servers' orphans this process warned about
+
+
+def adopt_orphans(spool: Spool, uri: str) -> list[dict[str, Any]]:
+    """The records dead processes left on this node for the tracking server ``uri``: moved
+    into ``spool`` and returned, to go out first. Orphans for other servers stay where
+    they are, with one warning each per process."""
+    try:
+        found = orphans(spool.root, exclude=spool.path)
+    except OSError:
+        return []
+    adopted: list[dict[str, Any]] = []
+    for folder in found:
+        meta = _read_meta(folder) or {}
+        if meta.get("uri") != uri:
+            if str(folder) not in _REPORTED_ORPHANS:
+                _REPORTED_ORPHANS.add(str(folder))
+                print(
+                    f"[vitok.tracking] WARNING: {describe(count_items(pending_records(folder)))} "
+                    f"for run {meta.get('run_id')} at {meta.get('uri')} were never sent "
+                    f"(process {meta.get('pid')} ended); kept at {folder}. A logger for that "
+                    "server on this node sends them, or now: python -m "
+                    f"vitok.platform.tracking_spool replay {folder}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            continue
+        try:
+            records = spool.adopt(folder)
+        except OSError:  # another logger claimed it first
+            continue
+        runs = ", ".join(sorted({r["run"] for r in records}))
+        print(
+            f"[vitok.tracking] {describe(count_items(records))} for run {runs} were left "
+            f"unsent by process {meta.get('pid')} ({folder}): sending them first",
+            file=sys.stderr,
+            flush=True,
+        )
+        adopted += records
+    return adopted
+
+
 # ----------------------------------------------------------------------------- CLI
 def replay(paths: list[Path], *, timeout_s: float) -> int:
     """Send the orphan spools of this node now: of the tracking servers ``paths`` name, or
     of every server. Returns 1 when something is still unsent (the server still away)."""
-    from vitok.platform.tracking import RunLogger
+    from vitok.platform.run_logger import RunLogger  # it imports this module
 
     folders = paths or orphans()
     if not folders:

@@ -21,9 +21,8 @@ Weights: checkpoints hold the fp32 weights (under bf16, the optimizer's fp32 mas
 ``vitok.platform.weights``), and evaluation under bf16 runs an fp32 copy holding them, so
 what is evaluated is what is saved, exported and logged.
 
-The pipeline wires the rest in a ``TrainJob`` (how a Ray Data batch becomes the task's
-batch, on the worker; which evaluator reduces metrics across workers). The worker loop is
-``vitok.platform.train_loop``: a resumed run ends as an uninterrupted one would.
+The pipeline wires the rest in a ``TrainJob`` (batch function, evaluator); the worker loop
+is ``vitok.platform.train_loop``, where a resumed run ends as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -203,6 +202,11 @@ class TrainResult:
     storage_dir: str
     run_id: str | None
 
+    @property
+    def work_s(self) -> float:
+        """Seconds spent in training steps and evaluation (the rest is start-up and I/O)."""
+        return self.metrics.get("time/train_s", 0.0) + self.metrics.get("time/eval_s", 0.0)
+
 
 # ----------------------------------------------------------------------------- optimizer parts
 SINGLE_PART = "model"
@@ -361,11 +365,10 @@ def run_training(
 ) -> TrainResult:
     """Fit ``job`` with a TorchTrainer; rerunning with the same name and storage resumes.
 
-    ``storage_path`` is a folder or URI under the storage root (every node must reach it:
-    checkpoints are persisted there). ``datasets`` maps "train" (and optionally "val") to
-    Ray Datasets; each worker reads its shard. The MLflow run (``job.run_id``) is created by
-    the caller and marked here. ``callbacks`` are Ray Train callbacks (a Tune trial passes
-    one that forwards reports to Tune).
+    ``storage_path`` is a folder or URI under the storage root that every node reaches (the
+    checkpoints live there). ``datasets``: "train" and optionally "val" Ray Datasets (read as
+    ``train_loop.data_config`` says). The caller creates the MLflow run (``job.run_id``);
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes one that forwards reports).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -383,10 +386,8 @@ def run_training(
     resources = {"CPU": cfg.cpus_per_worker, **parse_resources("train.resources", cfg.resources)}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    env = {
-        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainer = TorchTrainer(

@@ -226,13 +226,19 @@ class Loop:
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
         self.worker = Worker(job)
         self.checkpointer = Checkpointer(job, self.worker, rank, run_dir)
+        # train_s / eval_s: seconds in training steps and in evaluation, summed over restarts
+        # (the study compares them with a trial's wall time: the rest is the platform's cost)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
+        self.state.update(train_s=0.0, eval_s=0.0)
         self.resumed = self.checkpointer.restore(self.state)
         self.window = MetricWindow(self.state.pop("window", None))
         self.logger = None
         if rank == 0 and job.run_id and job.tracking is not None and job.tracking.enabled:
             mark = storage.join(run_dir, LOG_MARK_FILE) if run_dir else None
             self.logger = StepLogger(job, mark)
+            if self.state["step"]:  # the run's page says it restarted, and from where
+                tag = f"vitok.{job.metric_prefix}resumed_at_step"
+                self.logger.inner.set_tags({tag: self.state["step"]})
         self.metrics: dict[str, float] = {}
         self.micro = 0
         self.clock = (time.perf_counter(), self.state["step"])
@@ -248,8 +254,9 @@ class Loop:
             module.train()
         while state["step"] < cfg.steps:
             self.epoch()
-        final = evaluate(job, self.worker, self.rank, state["step"])
-        self.metrics = {**self.metrics, **final}
+        final = self.evaluate()
+        times = {"time/train_s": state["train_s"], "time/eval_s": state["eval_s"]}
+        self.metrics = {**self.metrics, **final, **times}
         if self.rank == 0:
             summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items())
             print(f"[vitok] {job.name} finished at step {state['step']}: {summary}", flush=True)
@@ -286,6 +293,7 @@ class Loop:
     def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """One micro step; True when it completed an optimizer step."""
         job, cfg, worker, step = self.job, self.cfg, self.worker, self.state["step"]
+        started = time.perf_counter()
         torch.manual_seed(_step_seed(cfg.seed, self.rank, step * cfg.grad_accum + self.micro))
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.rank, step))
         model_batch = job.batch_fn(_select(batch, job.columns), True, gen)
@@ -296,6 +304,7 @@ class Loop:
             engine.backward(losses[part.name])
         for engine in worker.engines:  # each clips and steps its own part
             engine.step()
+        self.state["train_s"] += time.perf_counter() - started
         self.micro = (self.micro + 1) % cfg.grad_accum
         self.state["samples"] += cfg.batch_size * self.world
         if self.micro != 0:
@@ -318,13 +327,20 @@ class Loop:
         if cfg.eval_every and step % cfg.eval_every == 0 and not is_last:
             import ray.train
 
-            val = evaluate(self.job, self.worker, self.rank, step)
+            val = self.evaluate()
             if self.logger and val:
                 self.logger.log(val, step=step)
             ray.train.report({**self.metrics, **val, "step": step})
         if not is_last and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self.save()
         return is_last
+
+    def evaluate(self) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            return evaluate(self.job, self.worker, self.rank, self.state["step"])
+        finally:
+            self.state["eval_s"] += time.perf_counter() - started
 
     def log_window(self, step: int) -> None:
         cfg, worker = self.cfg, self.worker

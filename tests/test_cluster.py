@@ -235,6 +235,27 @@ def test_shipped_copy_wins_over_installed(tmp_path: Path):
     assert "ROOT None" in local.stdout and "False" in local.stdout
 
 
+def test_entry_point_script_runs_the_shipped_copy(tmp_path: Path):
+    """`python pipelines/X.py` in a job's working dir: its first vitok import (the launcher,
+    vitok.pipelines.cli) maps vitok.* onto the shipped copy before anything else loads."""
+    copy = copy_repo(tmp_path / "repo")
+    for rel, marker in (("pipelines/arguments.py", "ARGS"), ("tokenizer/config.py", "TOK")):
+        with (copy / rel).open("a") as f:
+            f.write(f"\nprint('SHIPPED_{marker}', flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [PY, "pipelines/train_tokenizer.py", "--print-config"]
+    shipped = subprocess.run(
+        cmd, cwd=copy, env={**env, "PYTHONPATH": str(copy)}, capture_output=True, text=True
+    )
+    assert shipped.returncode == 0, shipped.stderr
+    assert "SHIPPED_ARGS" in shipped.stdout and "SHIPPED_TOK" in shipped.stdout
+    assert "name: tokenizer-demo" in shipped.stdout
+    # No repo on PYTHONPATH (a plain local run): the installed copy, untouched.
+    local = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    assert local.returncode == 0, local.stderr
+    assert "SHIPPED" not in local.stdout
+
+
 def test_shipped_code_refuses_after_stale_import(tmp_path: Path):
     copy = copy_repo(tmp_path / "repo")
     code = (

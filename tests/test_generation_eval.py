@@ -92,7 +92,7 @@ def test_sampling_actor_features_match_a_direct_computation_in_any_batching(spec
     actor = GeneratedFeatures(spec)
     whole = actor({"id": np.arange(6)})
     parts = [actor({"id": np.arange(0, 4)}), actor({"id": np.arange(4, 6)})]
-    assert set(whole) == {"latent"}  # no feature network configured
+    assert set(whole) == {"latent", "pixels"}  # no feature network configured
     joined = np.concatenate([p["latent"] for p in parts])
     np.testing.assert_allclose(whole["latent"], joined, rtol=1e-5, atol=1e-6)
     # Independently: the EMA generator and the tokenizer from the files, the same noise.
@@ -133,7 +133,8 @@ def test_network_features_per_sample_for_generated_and_real_clips(spec, tmp_path
     assert generated["inception"].shape == (2, TOK.input_size[0], 2048)
     real = np.random.default_rng(0).integers(0, 256, (2, 2, 20, 20, 3), dtype=np.uint8)
     features = RealFeatures(with_net, crop=(16, 16))({"clip": real})
-    assert set(features) == {"inception"} and features["inception"].shape == (2, 2, 2048)
+    assert set(features) == {"inception", "pixels"} and features["inception"].shape == (2, 2, 2048)
+    assert features["pixels"].shape == (2, 2, 48)
     # The real side sees the centre crop: the same features as the cropped clips'.
     cropped = RealFeatures(with_net, crop=None)(
         {"clip": np.ascontiguousarray(real[:, :, 2:18, 2:18])}
@@ -172,6 +173,28 @@ def test_generation_metrics_with_their_sample_counts():
         real_clips=15,
     )
     assert out["gfid"] == pytest.approx(8 * 0.25, rel=1e-6) and out["real_samples"] == 15
+
+
+def test_pixel_features_pool_each_frame_to_4x4_and_compare_across_trials():
+    from vitok.pipelines.generation_eval import pixel_features
+
+    clips = torch.zeros(2, 3, 16, 16, 3, dtype=torch.uint8)
+    clips[0, :, :8, :8] = 255  # the top-left quarter white in every frame of clip 0
+    feats = pixel_features(clips)
+    assert feats.shape == (2, 3, 48)
+    grid = feats[0, 0].reshape(4, 4, 3)
+    assert np.allclose(grid[:2, :2], 1.0) and np.allclose(grid[2:, :], -1.0)
+    assert np.allclose(pixel_features(clips.float() / 127.5 - 1), feats)  # uint8 == float
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 4, generator=g)
+    px = torch.randn(60, 48, generator=g)
+    out = generation_metrics(
+        {"latent": _moments(real), "pixels": _moments(px + 0.5)},
+        real,
+        real_networks={"pixels": _moments(px)},
+        real_clips=20,
+    )
+    assert out["frechet_pixels"] == pytest.approx(48 * 0.25, rel=1e-6) and "gfid" not in out
 
 
 def test_report_shows_the_sample_count_beside_gfid_and_gfvd():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vitok.generator import DIT_SIZES, DiT, DiTBlock, GeneratorConfig
+from vitok.layers import axial_rope
 from vitok.platform import config as pconfig
-from vitok.tokenizer.layers import axial_rope
 
 
 def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

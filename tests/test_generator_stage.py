@@ -258,3 +258,16 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     real.update(torch.from_numpy(run.latents.pooled("val")))
     expected = frechet_from_moments(real, fake)
     assert run.metrics["gen/frechet_tokenizer_latent"] == pytest.approx(expected, rel=1e-4)
+
+    # frechet_pixels: the same samples and the first val clips, frames pooled to 4x4 RGB.
+    from vitok.pipelines.generation_eval import pixel_features
+    from vitok.platform.data import clip_dataset, to_model_input
+
+    val = clip_dataset(prepared, "val").limit(cfg.metrics.gen_samples).take_all()
+    real_clips = to_model_input(np.stack([r["clip"] for r in val]), crop=None, flip=False)
+    fake_px, real_px = FeatureMoments(), FeatureMoments()
+    fake_px.update(torch.from_numpy(pixel_features(clips)).double().flatten(0, 1))
+    real_px.update(torch.from_numpy(pixel_features(real_clips)).double().flatten(0, 1))
+    expected = frechet_from_moments(real_px, fake_px)
+    assert run.metrics["gen/frechet_pixels"] == pytest.approx(expected, rel=1e-3) and expected > 0
+    assert run.metrics["gen/real_samples"] == len(val)

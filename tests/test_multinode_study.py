@@ -127,7 +127,8 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
         # Each trial finished once; the killed one resumed its Train run from the checkpoint.
         finished = [k for k in stack.s3.keys(bucket, f"{study}/events/") if "finished" in k]
         assert sorted(k.rsplit("-", 2)[-2] for k in finished) == ["c2", "c8"], finished
-        assert "c2-stage1: resumed at step" in logs, logs[-6000:]
+        (c2,) = [r for r in children if r.info.run_name == "c2"]
+        assert int(c2.data.tags["vitok.resumed_at_step"]) > 0  # from its checkpoint in S3
 
         # --resume from a changed checkout finds the study by name; nothing reruns.
         events_before = stack.s3.keys(bucket, f"{study}/events/")

@@ -100,3 +100,34 @@ def test_a_held_store_pickles_as_its_location(tmp_path: Path):
     assert copy.uri == store.uri and copy.release() is None  # a copy holds no lease
     assert storage.exists(store.path(LEASE_FILE))
     store.release()
+
+
+def test_status_table_redraws_in_place_on_a_terminal_and_prints_only_lines_elsewhere():
+    import io
+
+    from vitok.platform.study import StatusTable
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    table = StatusTable(["E", "val/psnr"], interval_s=0.0, stream=term)
+    table.update("c4")
+    table.update("c8", state="running")
+    table.draw()
+    first = term.getvalue()
+    assert "[vitok] trials: 1 pending, 1 running" in first and "\x1b[" not in first
+    table.update("c8", state="finished", E=1024, **{"val/psnr": 21.234567})
+    table.line("[vitok] trial c8 finished: E=1024, PSNR 21.2 dB")
+    second = term.getvalue()[len(first) :]
+    # Up over the old table's 4 lines and erase, the line, then the new table below it.
+    assert second.startswith("\x1b[4F\x1b[J[vitok] trial c8 finished")
+    assert "21.23" in second and "1 finished, 1 pending" in second
+
+    log = io.StringIO()  # not a terminal: the lines only, no table, no escape codes
+    table = StatusTable(["E"], interval_s=0.0, stream=log)
+    table.update("c4", state="running")
+    table.draw()
+    table.line("[vitok] trial c4 finished: E=256")
+    assert log.getvalue() == "[vitok] trial c4 finished: E=256\n"

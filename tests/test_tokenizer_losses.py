@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from vitok.layers import EMA, load_average
 from vitok.tokenizer import (
-    EMA,
     LPIPS,
     LossConfig,
     TokenizerConfig,
@@ -176,6 +176,21 @@ def test_ema_warms_up_tracks_and_round_trips():
     assert restored.decay == 0.5 and restored.num_updates == 9
     with pytest.raises(ValueError, match="ema_decay"):
         EMA(model, decay=1.0)
+
+
+def test_load_average_copies_an_updated_average_only():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    fresh = nn.Linear(3, 2)
+    assert load_average(fresh, ema.state_dict()) is False  # never updated: weights untouched
+    assert load_average(fresh, None) is False
+    assert not torch.equal(fresh.weight, model.weight)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert load_average(fresh, ema.state_dict()) is True
+    torch.testing.assert_close(fresh.weight, ema.shadow["weight"])
+    torch.testing.assert_close(fresh.bias, ema.shadow["bias"])
 
 
 def test_stage2_evaluation_sees_a_short_fine_tune_through_the_ema():

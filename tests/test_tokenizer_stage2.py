@@ -14,7 +14,7 @@ from helpers_train import one_process_group
 
 from vitok.platform.train import TrainConfig, build_engines, named_losses, optimizer_parts
 from vitok.tokenizer import LossConfig, TokenizerConfig, ViTok
-from vitok.tokenizer.task import Stage2Module, TokenizerTask
+from vitok.tokenizer.task import Stage2Module, TokenizerTask, load_tokenizer, tokenizer_weights
 
 TOKENIZER = TokenizerConfig(
     encoder_size="N", decoder_size="N", patch=4, tubelet=1, channels=4, input_size=(2, 16, 16)
@@ -48,6 +48,26 @@ def _task(tmp_path) -> TokenizerTask:
     return TokenizerTask(
         TOKENIZER, LOSS, stage=2, init_weights=lambda: torch.load(init, weights_only=True)
     )
+
+
+def test_load_tokenizer_takes_a_stage2_state_and_its_decoder_ema(tmp_path):
+    task = _task(tmp_path)
+    model = task.build_model()  # Stage2Module: tokenizer.* and discriminator.* weights
+    state = model.state_dict()
+    assert {k.split(".")[0] for k in state} == {"tokenizer", "discriminator"}
+    own = tokenizer_weights(state)
+    assert set(own) == set(model.tokenizer.state_dict())
+    assert tokenizer_weights(own) == own  # a stage-1 state passes as it is
+    with torch.no_grad():
+        model.tokenizer.tubelet_unembed.weight.add_(1.0)
+    task.on_optimizer_step(model, 0)  # the decoder's EMA moves towards the new weights
+    loaded = load_tokenizer(model.state_dict(), TOKENIZER, task.extra_state())
+    averaged = task.eval_module(model)
+    assert not loaded.training
+    for name, value in averaged.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
+    live = load_tokenizer(model.state_dict(), TOKENIZER)  # no EMA given: the live weights
+    torch.testing.assert_close(live.tubelet_unembed.weight, model.tokenizer.tubelet_unembed.weight)
 
 
 def _adamw(param, grad, state, lr, cfg: TrainConfig, eps: float = 1e-8) -> torch.Tensor:

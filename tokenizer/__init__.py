@@ -1,8 +1,7 @@
-"""vitok.tokenizer: the ViTok model, its losses, LPIPS, discriminator, EMA and compute counts."""
+"""vitok.tokenizer: the ViTok model, its losses, LPIPS, discriminator and compute counts."""
 
 from vitok.tokenizer.config import SIZES, ModelSize, TokenizerConfig, parse_variant
 from vitok.tokenizer.discriminator import Discriminator, hinge_d_loss, hinge_g_loss
-from vitok.tokenizer.ema import EMA
 from vitok.tokenizer.flops import count_params, forward_flops, param_counts
 from vitok.tokenizer.losses import (
     LossConfig,
@@ -17,7 +16,6 @@ from vitok.tokenizer.lpips import LPIPS
 from vitok.tokenizer.model import DiagonalGaussian, ViTok, patchify, unpatchify
 
 __all__ = [
-    "EMA",
     "LPIPS",
     "SIZES",
     "DiagonalGaussian",

@@ -10,19 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class ModelSize:
-    """A ViT trunk: width (token dim), depth (blocks) and attention heads."""
-
-    width: int
-    depth: int
-    heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
+from vitok.layers import ModelSize
 
 # The paper's sizes (S is wide and shallow; L is 1152 wide so head_dim 72 splits three ways),
 # plus small CPU sizes for tests and laptop demos (N < M < T).
@@ -34,9 +22,6 @@ SIZES: dict[str, ModelSize] = {
     "B": ModelSize(width=768, depth=12, heads=12),
     "L": ModelSize(width=1152, depth=24, heads=16),
 }
-
-# Parameter counts (millions) from the paper's table, for the tests.
-PAPER_PARAMS_M: dict[str, float] = {"S": 43.3, "B": 85.8, "L": 383.7}
 
 _VARIANT = re.compile(r"^([A-Za-z]+)-([A-Za-z]+)/(?:(\d+)x)?(\d+)$")
 VARIANT_FORM = "'{enc}-{dec}/{q}x{p}' or '{enc}-{dec}/{p}', e.g. 'S-B/4x8' or 'S-B/16'"

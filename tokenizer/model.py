@@ -17,8 +17,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vitok.tokenizer.config import ModelSize, TokenizerConfig
-from vitok.tokenizer.layers import Block, RMSNorm, axial_rope
+from vitok.layers import Block, ModelSize, RMSNorm, axial_rope
+from vitok.tokenizer.config import TokenizerConfig
 
 
 def patchify(x: Tensor, tubelet: int, patch: int) -> Tensor:

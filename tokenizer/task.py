@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from vitok.layers import EMA, load_average
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.discriminator import Discriminator
-from vitok.tokenizer.ema import EMA
 from vitok.tokenizer.losses import (
     LossConfig,
     build_discriminator,
@@ -74,12 +74,7 @@ class TokenizerTask:
     def build_model(self) -> nn.Module:
         tokenizer = ViTok(self.model)
         if self.init_weights:
-            state = {
-                k.removeprefix("tokenizer."): v
-                for k, v in self.init_weights().items()
-                if not k.startswith("discriminator.")
-            }
-            tokenizer.load_state_dict(state)
+            tokenizer.load_state_dict(tokenizer_weights(self.init_weights()))
         self._lpips = build_lpips(self.loss) if self.loss.lpips_weight > 0 else None
         if self._lpips is not None:
             self._lpips.requires_grad_(False).eval()
@@ -162,6 +157,27 @@ class TokenizerTask:
     def lpips(self) -> nn.Module | None:
         """The LPIPS network built on this worker (None without weight files)."""
         return self._lpips
+
+
+def tokenizer_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tokenizer's own weights from a stage-1 state dict (as is) or a stage-2 one (the
+    ``tokenizer.`` entries of a ``Stage2Module``, without the discriminator's)."""
+    if not any(k.startswith("tokenizer.") for k in state):
+        return dict(state)
+    return {k.removeprefix("tokenizer."): v for k, v in state.items() if k.startswith("tokenizer.")}
+
+
+def load_tokenizer(
+    model_state: Mapping[str, Tensor],
+    cfg: TokenizerConfig,
+    extra_state: Mapping[str, Any] | None = None,
+) -> ViTok:
+    """A ViTok from saved weights (stage 1 or 2), in eval mode; with ``extra_state`` holding
+    an updated decoder EMA (stage 2), the decoder carries its average."""
+    tokenizer = ViTok(cfg)
+    tokenizer.load_state_dict(tokenizer_weights(model_state))
+    load_average(tokenizer, (extra_state or {}).get("ema"))
+    return tokenizer.eval()
 
 
 def _tokenizer_of(model: nn.Module) -> ViTok:

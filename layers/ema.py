@@ -1,8 +1,7 @@
 """Exponential moving average of a model's parameters, with warm-up.
 
 One class for both networks that keep an average for evaluation: the tokenizer's decoder in
-stage 2 and the generator (DiT). ``vitok.generator`` imports it from here (the generator
-already builds on ``vitok.tokenizer.layers``; both layers are pure torch).
+stage 2 and the generator (DiT). ``load_average`` puts a saved average into a fresh model.
 """
 
 from __future__ import annotations
@@ -68,3 +67,19 @@ class EMA:
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         self.shadow = {k: shadow[k].float().clone() for k in self.shadow}
+
+
+def load_average(model: nn.Module, ema_state: Mapping[str, Any] | None) -> bool:
+    """Copy a saved ``EMA.state_dict()`` into ``model``'s parameters, in place.
+
+    The average holds a subset of the parameters (its names relative to ``model``). Returns
+    False, leaving the model as it is, when there is no state or the average was never
+    updated (it would only repeat the initial weights).
+    """
+    if not ema_state or int(ema_state.get("num_updates", 0)) == 0:
+        return False
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ema_state["shadow"].items():
+            own[name].copy_(value)
+    return True
