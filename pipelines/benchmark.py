@@ -2,6 +2,9 @@
 
     python pipelines/benchmark.py data            # preprocessing: Ray Data vs a plain loop
     python pipelines/benchmark.py data --synthetic-videos 48 --size 128
+    python pipelines/benchmark.py ingest          # per-worker read work of the training split
+    python pipelines/benchmark.py faults          # the fault table (vitok.platform.faults)
+    python pipelines/benchmark.py faults --only claim,shard
     python pipelines/benchmark.py all             # every benchmark with its defaults
 
 Add a benchmark with ``@benchmark("name", help)`` on a function ``(args) -> None`` and an
@@ -310,6 +313,91 @@ def _bare_seconds_per_step(args, variant: str, size: tuple[int, int, int], worke
         return (time.perf_counter() - started) / (args.steps - timed_from)
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- ingest
+def _ingest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="96@4x32x32,2000@16x64x64", help="CLIPS@TxHxW, ...")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="per worker")
+
+
+def _epoch(iterator, global_batch: int, keep: slice, out: list, i: int) -> None:
+    t, rows = time.perf_counter(), 0
+    for batch in iterator.iter_torch_batches(batch_size=global_batch, drop_last=True):
+        rows += len(batch["data"])
+        batch["data"][keep]  # (batch_size, T, H, W, 3): what this worker trains on
+    out[i] = (rows, time.perf_counter() - t)
+
+
+@benchmark("ingest", "per-worker read work: streaming split vs ordered read", _ingest_arguments)
+def bench_ingest(args: argparse.Namespace) -> None:
+    """One epoch of Parquet clips on ``--workers`` threads: Ray Train's streaming split (each
+    worker reads its share) against every worker reading the whole split in order and keeping
+    its slice of each global batch (what the worker loop does, for a resumable order)."""
+    import threading
+
+    import numpy as np
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
+    world, bs = args.workers, args.batch_size
+    work = Path(tempfile.mkdtemp(prefix="vitok-bench-ingest-"))
+    print(
+        f"{'clips':>6} {'clip':<10} {'read':<8} {'rows/worker':>11} {'MB/worker':>9} {'s/epoch':>8}"
+    )
+    for spec in args.sizes.split(","):
+        n, _, shape = spec.partition("@")
+        shape = tuple(int(v) for v in shape.split("x")) + (3,)
+        clips = np.random.default_rng(0).integers(0, 256, (int(n), *shape), dtype=np.uint8)
+        folder = work / spec.replace("@", "-")
+        ray.data.from_numpy(clips).repartition(max(2, int(n) // 100)).write_parquet(str(folder))
+        ds = ray.data.read_parquet(str(folder))  # read again by every epoch
+        for mode in ("split", "ordered"):
+            if mode == "split":
+                jobs = [(it, bs, slice(None)) for it in ds.streaming_split(world, equal=True)]
+            else:
+                ds.context.execution_options.preserve_order = True
+                jobs = [
+                    (ds.iterator(), bs * world, slice(r * bs, (r + 1) * bs)) for r in range(world)
+                ]
+            out: list = [None] * world
+            threads = [
+                threading.Thread(target=_epoch, args=(*j, out, i)) for i, j in enumerate(jobs)
+            ]
+            t = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seconds, rows = time.perf_counter() - t, out[0][0]
+            mb, size = rows * clips[0].nbytes / 1e6, "x".join(map(str, shape[:3]))
+            print(f"{n:>6} {size:<10} {mode:<8} {rows:>11} {mb:>9.1f} {seconds:>8.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- faults
+def _faults_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", default=None, help="comma-separated faults (default: all)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+
+
+@benchmark(
+    "faults", "inject each fault for real; what survived and what it cost", _faults_arguments
+)
+def bench_faults(args: argparse.Namespace) -> None:
+    from vitok.platform.faults import FAULTS, print_table, run_faults
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vitok-faults-"))
+    rows = run_faults(args.only.split(",") if args.only else list(FAULTS), work)
+    print("\nfault table (each figure measured on the run it describes):")
+    print_table(rows)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    failed = [row.fault for row in rows if row.survived is False]
+    if failed:
+        raise SystemExit(f"not survived: {', '.join(failed)}")
 
 
 # ----------------------------------------------------------------------------- main

@@ -236,7 +236,6 @@ def run_tokenizer(
     run_dir: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
-    fail_once_at_step: int | None = None,
     log_model: bool = True,
     callbacks: list[Any] | None = None,
 ) -> TokenizerRun:
@@ -288,7 +287,6 @@ def run_tokenizer(
             tracking=cfg.tracking,
             run_id=run_id,
             params=params,
-            fail_once_at_step=fail_once_at_step if stage == 1 else None,
             metric_prefix="" if stage == 1 else "stage2/",
         )
 

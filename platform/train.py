@@ -21,14 +21,8 @@ Weights: checkpoints hold the fp32 weights (under bf16, the optimizer's fp32 mas
 ``vitok.platform.weights``), and evaluation under bf16 runs an fp32 copy holding them, so
 what is evaluated is what is saved, exported and logged.
 
-The pipeline wires the rest in a ``TrainJob``: how a Ray Data batch becomes the task's
-batch (augmentation happens there, on the worker), and which evaluator reduces metrics
-over the whole validation split across workers.
-
-Resume: every checkpoint holds the DeepSpeed state (model, optimizer, LR schedule), the
-task's extra state and the loop position (optimizer step, epoch, batch within the epoch).
-Randomness is derived from (seed, rank, step), so a resumed run draws what an
-uninterrupted one would have drawn from that step on.
+The pipeline wires the rest in a ``TrainJob`` (batch function, evaluator); the worker loop
+is ``vitok.platform.train_loop``, where a resumed run ends as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -37,9 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +42,6 @@ from torch import nn
 from vitok.platform import storage
 from vitok.platform.config import check_choice, check_positive, check_range, parse_resources
 from vitok.platform.tracking import RunLogger, TrackingConfig, resolve_uri
-from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_FILE = "vitok_state.json"
@@ -203,8 +193,6 @@ class TrainJob:
     params: dict[str, Any] = field(default_factory=dict)
     # Prefix for this job's MLflow metric keys, so stages sharing a run stay apart.
     metric_prefix: str = ""
-    # Testing aid: raise once (a marker file remembers) when this optimizer step is reached.
-    fail_once_at_step: int | None = None
 
 
 @dataclass
@@ -325,32 +313,9 @@ def build_engines(parts: list[OptimizerPart], cfg: TrainConfig) -> list[Any]:
     return engines
 
 
-def _learning_rates(parts: list[OptimizerPart], engines: list[Any]) -> dict[str, float]:
-    """``train/lr`` (the first part's) and ``train/lr/<part>`` for every other part."""
-    out = {}
-    for i, (part, engine) in enumerate(zip(parts, engines)):
-        lr = engine.lr_scheduler.get_last_lr()[0]
-        out["train/lr" if i == 0 else f"train/lr/{part.name}"] = lr
-    return out
-
-
-def _part_file(parts: list[OptimizerPart], part: OptimizerPart, stem: str) -> str:
-    """A checkpoint name per part: plain for a single optimizer, suffixed by part name."""
-    return stem if len(parts) == 1 else f"{stem}-{part.name}"
-
-
 # ----------------------------------------------------------------------------- helpers
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
-
-
-def _to_float(logs: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for k, v in logs.items():
-        if isinstance(v, torch.Tensor):
-            v = v.detach().float().mean().item()
-        out[k] = float(v)
-    return out
 
 
 def _checkpoint_file(checkpoint: str | Path, file_name: str) -> Path:
@@ -390,265 +355,6 @@ class CheckpointWeights:
         return load_model_state(self.checkpoint)
 
 
-# ----------------------------------------------------------------------------- worker loop
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: DeepSpeed engines, train, evaluate, checkpoint."""
-    import ray.train
-
-    job: TrainJob = config["job"]
-    cfg = job.train
-    task = job.task
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world))
-    if not cfg.use_gpu:
-        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = task.build_model()
-    frames = int(job.params.get("frames", 1) or 1)
-    peak_lr = cfg.peak_lr(frames)
-    parts = optimizer_parts(task, model, cfg, peak_lr)
-    frozen = snapshot_frozen(model)  # fp32 values of what no optimizer holds a master of
-    engines = build_engines(parts, cfg)
-    device = engines[0].device
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    exported: dict[str, Any] = {"step": -1, "state": None}
-
-    def fp32_state() -> dict[str, torch.Tensor]:
-        """The fp32 weights now (collective: every rank calls it at the same steps)."""
-        if exported["step"] != state["step"]:
-            exported["state"] = export_state(model, engines, frozen)
-            exported["step"] = state["step"]
-        return exported["state"]
-
-    # train_s / eval_s: seconds in training steps and in evaluation, summed over restarts;
-    # the study compares them with a trial's wall time (the rest is the platform's cost).
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "train_s": 0.0}
-    state["eval_s"] = 0.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            for part, engine in zip(parts, engines):
-                engine.load_checkpoint(ckpt_dir, tag=_part_file(parts, part, CHECKPOINT_TAG))
-            saved = load_checkpoint_state(ckpt_dir)
-            state.update(saved["loop"])
-            extra = Path(ckpt_dir) / TASK_STATE_FILE
-            if extra.exists():
-                task.load_extra_state(torch.load(extra, map_location="cpu", weights_only=True))
-        if rank == 0:
-            print(
-                f"[vitok] {job.name}: resumed at step {state['step']} (epoch {state['epoch']})",
-                flush=True,
-            )
-
-    logger = None
-    monitor = None
-    if rank == 0 and job.run_id and job.tracking is not None and job.tracking.enabled:
-        logger = _PrefixedLogger(RunLogger(job.tracking.uri, job.run_id), job.metric_prefix)
-        if job.tracking.system_metrics:
-            monitor = logger.inner.start_system_metrics()
-        if state["step"]:  # the run's page says it restarted, and from where
-            logger.inner.set_tags({f"vitok.{job.metric_prefix}resumed_at_step": state["step"]})
-
-    def save_checkpoint(metrics: dict[str, float]) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f"vitok-ckpt-r{rank}-"))
-        client_state = {"vitok_step": state["step"]}
-        for part, engine in zip(parts, engines):
-            tag = _part_file(parts, part, CHECKPOINT_TAG)
-            engine.save_checkpoint(str(tmp), tag=tag, client_state=client_state)
-        weights = fp32_state()
-        if rank == 0:
-            torch.save(weights, tmp / MODEL_FILE)
-            torch.save(task.extra_state(), tmp / TASK_STATE_FILE)
-            meta = {"loop": state, "name": job.name, "params": job.params, "metrics": metrics}
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str))
-            for part in parts:
-                ds_file = _part_file(parts, part, "deepspeed_config") + ".json"
-                (tmp / ds_file).write_text(json.dumps(deepspeed_config(cfg, part.grad_clip)))
-        ray.train.report(
-            {**metrics, "step": state["step"]},
-            checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-            checkpoint_dir_name=f"checkpoint_{state['step']:08d}",
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    def evaluate() -> dict[str, float]:
-        if job.make_evaluator is None:
-            return {}
-        started = time.perf_counter()
-        try:
-            return _evaluate()
-        finally:
-            state["eval_s"] += time.perf_counter() - started
-
-    def _evaluate() -> dict[str, float]:
-        evaluator = job.make_evaluator()
-        eval_dtype = dtype
-        root = model
-        if cfg.precision == "bf16":  # evaluate the fp32 weights that are saved and exported
-            root = fp32_copy(model, fp32_state(), device, zero3=cfg.zero_stage == 3)
-            eval_dtype = torch.float32
-        eval_model = task.eval_module(root)
-        was_training = eval_model.training
-        eval_model.eval()
-        shard = ray.train.get_dataset_shard("val")
-        torch.manual_seed(_step_seed(cfg.seed + 1, rank, state["step"]))
-        with torch.no_grad():
-            for i, batch in enumerate(
-                shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False)
-            ):
-                if cfg.eval_batches and i >= cfg.eval_batches:
-                    break
-                gen = torch.Generator().manual_seed(_step_seed(cfg.seed + 1, rank, i))
-                model_batch = job.batch_fn(_select(batch, job.columns), False, gen)
-                model_batch = _to_device(model_batch, device, eval_dtype)
-                evaluator.update(eval_model, model_batch)
-        eval_model.train(was_training)
-        return {f"val/{k}": v for k, v in evaluator.compute().items()}
-
-    shard = ray.train.get_dataset_shard("train")
-    for engine in engines:
-        engine.train()
-    model.train()
-    last_log_time, last_log_step = time.perf_counter(), state["step"]
-    window: dict[str, float] = {}
-    window_count = 0
-    metrics: dict[str, float] = {}
-    micro = 0
-    while state["step"] < cfg.steps:
-        batches_seen = 0
-        skip = state["batch_in_epoch"]
-        iterator = shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + state["epoch"] if cfg.shuffle_buffer else None,
-        )
-        for batch in iterator:
-            batches_seen += 1
-            if batches_seen <= skip:
-                continue  # fast-forward to the resumed position within this epoch
-            step = state["step"]
-            started = time.perf_counter()
-            if job.fail_once_at_step is not None and step == job.fail_once_at_step:
-                _fail_once(job, step)
-            torch.manual_seed(_step_seed(cfg.seed, rank, step * cfg.grad_accum + micro))
-            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, rank, step))
-            model_batch = _to_device(
-                job.batch_fn(_select(batch, job.columns), True, gen), device, dtype
-            )
-            loss, logs = task.training_step(model, model_batch, step)
-            losses = named_losses(loss, parts)
-            for part, engine in zip(parts, engines):  # all backwards before any update
-                engine.backward(losses[part.name])
-            for engine in engines:  # each clips and steps its own part
-                engine.step()
-            state["train_s"] += time.perf_counter() - started
-            micro = (micro + 1) % cfg.grad_accum
-            state["batch_in_epoch"] = batches_seen
-            state["samples"] += cfg.batch_size * world
-            if micro != 0:
-                continue
-            state["step"] = step = step + 1
-            task.on_optimizer_step(model, step)
-            if len(parts) == 1:
-                step_logs = {"loss": losses[parts[0].name], **logs}
-            else:
-                step_logs = {**{f"loss/{n}": v for n, v in losses.items()}, **logs}
-            for k, v in _to_float(step_logs).items():
-                window[k] = window.get(k, 0.0) + v
-            window_count += 1
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                metrics = {f"train/{k}": v / window_count for k, v in window.items()}
-                metrics.update(_learning_rates(parts, engines))
-                metrics["perf/steps_per_s"] = rate
-                metrics["perf/samples_per_s"] = rate * cfg.global_batch
-                if job.tokens_per_sample:
-                    metrics["perf/tokens_per_s"] = rate * cfg.global_batch * job.tokens_per_sample
-                metrics["epoch"] = state["epoch"]
-                if rank == 0:
-                    shown = ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
-                    print(f"[vitok] {job.name} step {step}/{cfg.steps}: {shown}", flush=True)
-                    if logger:
-                        logger.log_metrics(metrics, step=step)
-                window, window_count = {}, 0
-                last_log_time, last_log_step = now, step
-
-            is_last = step >= cfg.steps
-            if cfg.eval_every and step % cfg.eval_every == 0 and not is_last:
-                val = evaluate()
-                if rank == 0 and logger and val:
-                    logger.log_metrics(val, step=step)
-                ray.train.report({**metrics, **val, "step": step})
-            if is_last:
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(metrics)
-        else:
-            if batches_seen == 0:
-                raise RuntimeError(
-                    f"{job.name}: the training split yields no full batch of {cfg.batch_size} "
-                    f"per worker ({cfg.num_workers} workers); add data or lower "
-                    "train.batch_size"
-                )
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            continue
-        break
-
-    final = evaluate()
-    metrics = {**metrics, **final, "time/train_s": state["train_s"], "time/eval_s": state["eval_s"]}
-    if rank == 0:
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items())
-        print(f"[vitok] {job.name} finished at step {state['step']}: {summary}", flush=True)
-        if logger and final:
-            logger.log_metrics(final, step=state["step"])
-    if monitor is not None:
-        monitor.finish()
-    save_checkpoint(metrics)
-    if logger:  # send what is queued (bounded wait); the driver ends the run
-        logger.close()
-
-
-class _PrefixedLogger:
-    def __init__(self, inner: RunLogger, prefix: str) -> None:
-        self.inner, self.prefix = inner, prefix
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.inner.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step=step)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _select(batch: Mapping[str, torch.Tensor], columns: tuple[str, ...]) -> dict:
-    return {k: batch[k] for k in columns if k in batch}
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
-
-
-def _fail_once(job: TrainJob, step: int) -> None:
-    marker = Path(tempfile.gettempdir()) / f"vitok-fail-once-{job.name}-{step}"
-    if not marker.exists():
-        marker.write_text("failed once")
-        raise RuntimeError(f"injected failure at step {step} (fail_once_at_step)")
-
-
 # ----------------------------------------------------------------------------- driver
 def run_training(
     job: TrainJob,
@@ -659,34 +365,34 @@ def run_training(
 ) -> TrainResult:
     """Fit ``job`` with a TorchTrainer; rerunning with the same name and storage resumes.
 
-    ``storage_path`` is a folder or URI under the storage root (every node must reach it:
-    checkpoints are persisted there). ``datasets`` maps "train" (and optionally "val") to
-    Ray Datasets; each worker reads its shard. The MLflow run (``job.run_id``) is created by
-    the caller and marked here. ``callbacks`` are Ray Train callbacks (a Tune trial passes
-    one that forwards reports to Tune).
+    ``storage_path`` is a folder or URI under the storage root that every node reaches (the
+    checkpoints live there). ``datasets``: "train" and optionally "val" Ray Datasets (read as
+    ``train_loop.data_config`` says). The caller creates the MLflow run (``job.run_id``);
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes one that forwards reports).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vitok.platform.train_loop import data_config, train_loop_per_worker
 
     cfg = job.train
     if job.tracking is not None:  # workers run in another directory: ship an absolute URI
         tracking = dataclasses.replace(job.tracking, uri=resolve_uri(job.tracking.uri))
         job = dataclasses.replace(job, tracking=tracking)
     location = storage.resolve_root(str(storage_path))
+    run_dir = storage.join(location, job.name)  # Ray Train's storage for this job
     if "val" not in datasets and job.make_evaluator is not None:
         raise ValueError(f"{job.name}: an evaluator needs a 'val' dataset")
     resources = {"CPU": cfg.cpus_per_worker, **parse_resources("train.resources", cfg.resources)}
     if cfg.use_gpu:
         resources["GPU"] = 1
-    env = {
-        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
+    env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
@@ -700,6 +406,7 @@ def run_training(
             callbacks=list(callbacks or []),
         ),
         datasets=dict(datasets),
+        dataset_config=data_config(datasets),
     )
     logger = RunLogger(job.tracking.uri, job.run_id) if job.run_id and job.tracking else None
     if logger:
@@ -712,18 +419,13 @@ def run_training(
         raise
     ckpt = None
     if result.checkpoint is not None:  # as a location under storage (a URI when remote)
-        ckpt = storage.join(location, job.name, storage.name(result.checkpoint.path))
+        ckpt = storage.join(run_dir, storage.name(result.checkpoint.path))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     if logger and ckpt:
-        logger.set_tags({"checkpoint": ckpt, "ray_storage": storage.join(location, job.name)})
+        logger.set_tags({"checkpoint": ckpt, "ray_storage": run_dir})
     if logger:  # sent before the caller ends the run with its own logger
         logger.close()
-    return TrainResult(
-        checkpoint_dir=ckpt,
-        metrics=metrics,
-        storage_dir=storage.join(location, job.name),
-        run_id=job.run_id,
-    )
+    return TrainResult(checkpoint_dir=ckpt, metrics=metrics, storage_dir=run_dir, run_id=job.run_id)
 
 
 __all__ = [
@@ -743,7 +445,5 @@ __all__ = [
     "make_optimizer",
     "named_losses",
     "optimizer_parts",
-    "resolve_uri",
     "run_training",
-    "train_loop_per_worker",
 ]
