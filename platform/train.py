@@ -82,6 +82,10 @@ class TrainConfig:
     eval_batches: int = 0
     log_every: int = 10
     shuffle_buffer: int = 64
+    # A training split of at most this many MB is read once per worker and kept in memory;
+    # each epoch is then a seeded permutation of it (no Ray Data pass per epoch: a small
+    # dataset runs hundreds of epochs). 0 streams every epoch through Ray Data.
+    cache_mb: int = 1024
     seed: int = 0
     max_failures: int = 2
 
@@ -96,6 +100,7 @@ class TrainConfig:
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         check_positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        check_positive("train.cache_mb", self.cache_mb, allow_zero=True)
         check_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         for i, beta in enumerate(self.betas):
             check_range(f"train.betas[{i}]", beta, 0.0, 0.99999)
@@ -367,13 +372,14 @@ def run_training(
 
     ``storage_path`` is a folder or URI under the storage root that every node reaches (the
     checkpoints live there). ``datasets``: "train" and optionally "val" Ray Datasets (read as
-    ``train_loop.data_config`` says). The caller creates the MLflow run (``job.run_id``);
+    ``train_data.data_config`` says). The caller creates the MLflow run (``job.run_id``);
     ``callbacks`` are Ray Train callbacks (a Tune trial passes one that forwards reports).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vitok.platform.train_loop import data_config, train_loop_per_worker
+    from vitok.platform.train_data import data_config
+    from vitok.platform.train_loop import train_loop_per_worker
 
     cfg = job.train
     if job.tracking is not None:  # workers run in another directory: ship an absolute URI

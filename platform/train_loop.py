@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from vitok.platform.train import (
     STATE_FILE,
     TASK_STATE_FILE,
     OptimizerPart,
-    TrainConfig,
     TrainJob,
     _step_seed,
     build_engines,
@@ -45,6 +44,7 @@ from vitok.platform.train import (
     named_losses,
     optimizer_parts,
 )
+from vitok.platform.train_data import EpochCache, train_batches
 from vitok.platform.train_metrics import LOG_MARK_FILE, MetricWindow, StepLogger
 from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
 
@@ -152,40 +152,6 @@ class Checkpointer:
             storage.write_text(storage.join(self.run_dir, name, COMMITTED_FILE), "")
 
 
-# ----------------------------------------------------------------------------- data
-def train_batches(
-    shard: Any, cfg: TrainConfig, rank: int, world: int, epoch: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's batches of one epoch, a function of (seed, epoch, rank) only.
-
-    ``shard`` iterates the whole training split in its stored order (Ray Train gives every
-    worker the unsplit dataset with ``preserve_order``; see ``data_config``). Every worker
-    shuffles it identically (a local buffer of ``shuffle_buffer`` rows per worker, seeded by
-    seed + epoch), draws global batches of ``batch_size * world`` rows and keeps rows
-    ``[rank * batch_size, (rank + 1) * batch_size)`` of each: together the workers see
-    each row of a full global batch once, every worker the same number of batches.
-    """
-    global_batch = cfg.batch_size * world
-    lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
-    for batch in shard.iter_torch_batches(
-        batch_size=global_batch,
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.shuffle_buffer * world or None,
-        local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
-    ):
-        yield {k: v[lo:hi] for k, v in batch.items()}  # (batch_size, ...) per column
-
-
-def data_config(datasets: Mapping[str, Any]) -> Any:
-    """Ray Train's ingest: "train" unsplit and in order (``train_batches``), others split."""
-    from ray.train import DataConfig
-
-    ordered = DataConfig.default_ingest_options()
-    ordered.preserve_order = True
-    names = [name for name in datasets if name != "train"]
-    return DataConfig(datasets_to_split=names, execution_options={"train": ordered})
-
-
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> dict[str, float]:
     """``val/<metric>`` of the job's evaluator over the whole validation split (each worker
@@ -241,6 +207,7 @@ class Loop:
                 self.logger.inner.set_tags({tag: self.state["step"]})
         self.metrics: dict[str, float] = {}
         self.micro = 0
+        self.cache = EpochCache(self.cfg.cache_mb)
         self.clock = (time.perf_counter(), self.state["step"])
 
     def run(self) -> None:
@@ -274,7 +241,8 @@ class Loop:
 
         state, skip, seen = self.state, self.state["batch_in_epoch"], 0
         shard = ray.train.get_dataset_shard("train")
-        for batch in train_batches(shard, self.cfg, self.rank, self.world, state["epoch"]):
+        epoch = state["epoch"]
+        for batch in train_batches(shard, self.cfg, self.rank, self.world, epoch, self.cache):
             seen += 1
             if seen <= skip:
                 continue  # fast-forward to the resumed position within this epoch
@@ -426,4 +394,8 @@ def _to_device(batch: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) 
     }
 
 
-__all__ = ["Loop", "StepLogger", "data_config", "train_batches", "train_loop_per_worker"]
+__all__ = [
+    "Loop",
+    "StepLogger",
+    "train_loop_per_worker",
+]
