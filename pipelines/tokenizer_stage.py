@@ -229,6 +229,41 @@ def _datasets(prepared: PreparedData) -> dict[str, Any]:
     return out
 
 
+def _log_setup(
+    logger: RunLogger, cfg: ExperimentConfig, params: dict[str, Any], prepared: PreparedData
+) -> None:
+    logger.log_params(params)
+    logger.log_params({"config": to_dict(cfg)})
+    logger.log_text(dump_config(cfg), "config.yaml")
+    # The sweep axes as metrics too: MLflow's scatter and parallel-coordinates charts plot
+    # metrics against metrics (x = axis/log2_E, y = final/psnr for the E sweep).
+    axes = {f"axis/{k}": v for k, v in params.items() if k in SWEEP_AXES}
+    data = {
+        "data/train_clips": prepared.num_train,
+        "data/val_clips": prepared.num_val,
+        "data/rejects": prepared.num_rejects,
+    }
+    logger.log_metrics({**axes, **data})
+
+
+def _log_result(
+    logger: RunLogger,
+    cfg: ExperimentConfig,
+    prepared: PreparedData,
+    checkpoint: str,
+    metrics: dict[str, float],
+    log_model: bool,
+) -> None:
+    """The final metrics, the checkpoint tag, reconstructions and (optionally) the model."""
+    logger.log_metrics({f"final/{k[4:]}": v for k, v in metrics.items()})
+    logger.set_tags({"checkpoint": checkpoint})
+    tokenizer = load_tokenizer(checkpoint, cfg.tokenizer)
+    log_reconstructions(logger, tokenizer, prepared, cfg.data.crop, cfg.data.fps)
+    if log_model:
+        model_uri = log_mlflow_model(logger.uri, logger.run_id, checkpoint, cfg.tokenizer)
+        logger.set_tags({"tokenizer_model_uri": model_uri})
+
+
 def run_tokenizer(
     cfg: ExperimentConfig,
     prepared: PreparedData,
@@ -257,20 +292,7 @@ def run_tokenizer(
     )
     logger = RunLogger(cfg.tracking.uri, run_id) if run_id else None
     if logger:
-        logger.log_params(params)
-        logger.log_params({"config": to_dict(cfg)})
-        logger.log_text(dump_config(cfg), "config.yaml")
-        # The sweep axes as metrics too: MLflow's scatter and parallel-coordinates charts
-        # plot metrics against metrics (x = axis/E, y = final/psnr for the E sweep).
-        axes = {f"axis/{k}": v for k, v in params.items() if k in SWEEP_AXES}
-        logger.log_metrics(
-            {
-                **axes,
-                "data/train_clips": prepared.num_train,
-                "data/val_clips": prepared.num_val,
-                "data/rejects": prepared.num_rejects,
-            }
-        )
+        _log_setup(logger, cfg, params, prepared)
     make_eval = MakeEvaluator(cfg.metrics, cfg.loss) if prepared.num_val else None
     crop = cfg.data.crop
     datasets = _datasets(prepared)
@@ -308,15 +330,7 @@ def run_tokenizer(
             final = stage2
         metrics = {k: v for k, v in final.metrics.items() if k.startswith("val/")}
         if logger:
-            logger.log_metrics({f"final/{k[4:]}": v for k, v in metrics.items()})
-            logger.set_tags({"checkpoint": final.checkpoint_dir})
-            tokenizer = load_tokenizer(final.checkpoint_dir, cfg.tokenizer)
-            log_reconstructions(logger, tokenizer, prepared, crop, cfg.data.fps)
-            if log_model:
-                model_uri = log_mlflow_model(
-                    logger.uri, run_id, final.checkpoint_dir, cfg.tokenizer
-                )
-                logger.set_tags({"tokenizer_model_uri": model_uri})
+            _log_result(logger, cfg, prepared, final.checkpoint_dir, metrics, log_model)
             logger.finish("FINISHED")
     except BaseException:
         if logger:
