@@ -296,16 +296,7 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
         "labels": label_map,
         "rejects": f"{prefix}/rejects.csv",
         "files": shards,
-        "counts": {
-            "files_total": len(files),
-            "files_ok": len(files) - len(rejected),
-            "files_rejected": len(rejected),
-            "files_train": sum(split_of[f.split_key] == "train" for f in files),
-            "files_val": sum(split_of[f.split_key] == "val" for f in files),
-            "clips_train": sum(e["rows"] for e in shards["train"]),
-            "clips_val": sum(e["rows"] for e in shards["val"]),
-            "clips_per_label": {name: labels_seen.count(i) for name, i in label_map.items()},
-        },
+        "counts": _counts(files, split_of, rejected, shards, labels_seen, label_map),
         "clip_shape": [cfg.frames, *cfg.size, 3],
         "seconds": round(time.perf_counter() - t_start, 3),
     }
@@ -322,6 +313,28 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
 
 # Operational settings: they change how files are decoded, never the stored clips.
 NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "max_reject_fraction")
+
+
+def _counts(
+    files: list[Any],
+    split_of: dict[str, str],
+    rejected: set[str],
+    shards: dict[str, list[dict[str, Any]]],
+    labels_seen: list[int],
+    label_map: dict[str, int],
+) -> dict[str, Any]:
+    """The manifest's counts: files (total, ok, rejected, per split), clips per split and
+    per label."""
+    return {
+        "files_total": len(files),
+        "files_ok": len(files) - len(rejected),
+        "files_rejected": len(rejected),
+        "files_train": sum(split_of[f.split_key] == "train" for f in files),
+        "files_val": sum(split_of[f.split_key] == "val" for f in files),
+        "clips_train": sum(e["rows"] for e in shards["train"]),
+        "clips_val": sum(e["rows"] for e in shards["val"]),
+        "clips_per_label": {name: labels_seen.count(i) for name, i in label_map.items()},
+    }
 
 
 def _remove_stale_attempts(folder: str, *, keep: str, before: str) -> None:

@@ -28,7 +28,6 @@ is ``vitok.platform.train_loop``, where a resumed run ends as an uninterrupted o
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -40,13 +39,14 @@ import torch
 from torch import nn
 
 from vitok.platform import storage
+from vitok.platform.checkpoints import (
+    CheckpointWeights,
+    load_checkpoint_state,
+    load_model_state,
+    load_task_state,
+)
 from vitok.platform.config import check_choice, check_positive, check_range, parse_resources
 from vitok.platform.tracking import RunLogger, TrackingConfig, resolve_uri
-
-CHECKPOINT_TAG = "deepspeed"
-STATE_FILE = "vitok_state.json"
-MODEL_FILE = "model.pt"
-TASK_STATE_FILE = "task_state.pt"
 
 
 # ----------------------------------------------------------------------------- config
@@ -321,43 +321,6 @@ def build_engines(parts: list[OptimizerPart], cfg: TrainConfig) -> list[Any]:
 # ----------------------------------------------------------------------------- helpers
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
-
-
-def _checkpoint_file(checkpoint: str | Path, file_name: str) -> Path:
-    """A local copy of one file of a checkpoint (a local folder or a URI under storage)."""
-    uri = storage.join(str(checkpoint), file_name)
-    if not storage.is_file(uri):
-        raise FileNotFoundError(f"{uri} is missing: not a vitok training checkpoint")
-    return storage.local_copy(uri)
-
-
-def load_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The plain model weights saved beside the DeepSpeed state (safe load)."""
-    path = _checkpoint_file(checkpoint, MODEL_FILE)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_task_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The task's extra state (e.g. EMA weights) of a checkpoint; {} when it has none."""
-    if not storage.is_file(storage.join(str(checkpoint), TASK_STATE_FILE)):
-        return {}
-    path = _checkpoint_file(checkpoint, TASK_STATE_FILE)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads(_checkpoint_file(checkpoint, STATE_FILE).read_text())
-
-
-@dataclass(frozen=True)
-class CheckpointWeights:
-    """A picklable ``() -> state dict`` of a checkpoint's model weights: a task calls it on
-    whatever node it runs, and the file is fetched from storage there."""
-
-    checkpoint: str
-
-    def __call__(self) -> dict[str, torch.Tensor]:
-        return load_model_state(self.checkpoint)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -30,11 +30,8 @@ from typing import Any
 import torch
 
 from vitok.platform import storage
+from vitok.platform.checkpoints import CHECKPOINT_TAG, MODEL_FILE, STATE_FILE, TASK_STATE_FILE
 from vitok.platform.train import (
-    CHECKPOINT_TAG,
-    MODEL_FILE,
-    STATE_FILE,
-    TASK_STATE_FILE,
     OptimizerPart,
     TrainJob,
     _step_seed,
