@@ -12,6 +12,7 @@ Supported field types: ``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tu
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -89,6 +90,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
                 return _coerce(path, arg, value)
             except ValueError as err:
                 errors.append(str(err))
+        if len(errors) == 1:  # an optional section: its own error says what is wrong
+            raise ValueError(errors[0])
         raise ValueError(f"{path}={value!r} does not match {_type_name(tp)}")
     if origin is typing.Literal:
         check_choice(path, value, args)
@@ -147,7 +150,23 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, _path: str = "") -> C:
     for key, value in data.items():
         path = f"{_path}.{key}" if _path else key
         kwargs[key] = _coerce(path, hints[key], value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # name the field by its place in the whole config
+        raise ValueError(_at_path(str(err), _path, names)) from None
+
+
+def _at_path(message: str, path: str, names: set[str]) -> str:
+    """A config's own validation message (``steps=0 ...`` or, with the section a class
+    assumes, ``train.steps=0 ...``) with the field's full dotted path (``stage2.steps=0``)."""
+    if not path:
+        return message
+    head, dot, rest = message.partition(".")
+    if dot and " " not in head and re.split(r"[=\[ .]", rest, maxsplit=1)[0] in names:
+        return f"{path}.{rest}"
+    if re.split(r"[=\[ ]", message, maxsplit=1)[0] in names:
+        return f"{path}.{message}"
+    return message
 
 
 def to_dict(cfg: object) -> dict[str, Any]:

@@ -251,3 +251,21 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
         filter_string=f"attributes.run_name = '{name}'",
     )
     assert len(runs) == 1
+
+
+def test_train_config_errors_name_their_section():
+    """The same TrainConfig sits at train, stage2 and generator_train: an error names the one
+    that was set (a bare TrainConfig says train.)."""
+    from vitok.pipelines.presets import preset
+    from vitok.platform.config import apply_overrides
+
+    cfg = preset("smoke-study")
+    for override, message in (
+        ("generator_train.steps=0", "generator_train.steps=0 must be > 0"),
+        ("stage2.zero_stage=4", "stage2.zero_stage=4 is not allowed"),
+        ("generator_train.betas=[0.9,2.0]", "generator_train.betas[1]=2.0 must lie in"),
+        ("train.steps=0", "train.steps=0 must be > 0"),
+    ):
+        with pytest.raises(ValueError) as err:
+            apply_overrides(cfg, [override])
+        assert str(err.value).startswith(message), str(err.value)
