@@ -310,6 +310,7 @@ def run_tokenizer(
             run_id=run_id,
             params=params,
             metric_prefix="" if stage == 1 else "stage2/",
+            lr_frames=cfg.tokenizer.input_size[0],
         )
 
     try:

@@ -198,6 +198,8 @@ class TrainJob:
     params: dict[str, Any] = field(default_factory=dict)
     # Prefix for this job's MLflow metric keys, so stages sharing a run stay apart.
     metric_prefix: str = ""
+    # Frames per sample in the LR scaling (train.scale_lr: lr x global batch x frames / 256).
+    lr_frames: int = 1
 
 
 @dataclass

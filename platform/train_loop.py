@@ -56,8 +56,7 @@ class Worker:
         cfg = job.train
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = job.task.build_model()
-        frames = int(job.params.get("frames", 1) or 1)
-        self.parts = optimizer_parts(job.task, self.model, cfg, cfg.peak_lr(frames))
+        self.parts = optimizer_parts(job.task, self.model, cfg, cfg.peak_lr(job.lr_frames))
         self.frozen = snapshot_frozen(self.model)  # fp32 values no optimizer holds a master of
         self.engines = build_engines(self.parts, cfg)
         self.device = self.engines[0].device
