@@ -171,6 +171,7 @@ def run_study(
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one console
     requested = preflight(cfg)
     # Trials run in other directories and on other nodes: ship absolute locations only.
     cfg = dataclasses.replace(
