@@ -14,7 +14,7 @@ from vitok.pipelines.cli import (
 )
 from vitok.pipelines.paper import FINDINGS, paper_row
 from vitok.pipelines.search import parse_objective
-from vitok.pipelines.study_trial import objective_key
+from vitok.pipelines.study_trial import objective_key, time_shares
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides
 from vitok.platform.report import (
@@ -332,8 +332,9 @@ def print_time_shares(rows: list[dict[str, Any]]) -> None:
     wall = sum(r["time/trial_s"] for r in timed)
     work = sum(r["time/work_s"] for r in timed)
     worst = max(timed, key=lambda r: r["time/platform_share"])
+    share = time_shares(wall, work)["time/platform_share"]
     print(
         f"  time:        {work / 60:.1f} of {wall / 60:.1f} trial-minutes training and "
-        f"evaluating; platform overhead {max(0.0, 1 - work / wall):.0%} "
+        f"evaluating; platform overhead {share:.0%} "
         f"(worst {worst['trial']} {worst['time/platform_share']:.0%})"
     )
