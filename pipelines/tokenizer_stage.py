@@ -17,7 +17,7 @@ import torch
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.platform import storage
 from vitok.platform.config import to_dict
-from vitok.platform.data import PreparedData, clip_dataset, to_model_input
+from vitok.platform.data import PreparedData, clip_dataset, first_clips, to_model_input
 from vitok.platform.metrics import MetricsConfig, ReconstructionMetrics, to_uint8
 from vitok.platform.tracking import RunLogger, start_run
 from vitok.platform.train import (
@@ -140,9 +140,8 @@ def log_reconstructions(
 
     from vitok.platform.media import encode_video
 
-    ds = clip_dataset(prepared, "val" if prepared.num_val else "train")
-    batch = ds.take_batch(count, batch_format="numpy")
-    x = to_model_input(torch.from_numpy(np.array(batch["clip"])), crop=crop, flip=False)
+    clips = first_clips(prepared, "val" if prepared.num_val else "train", count)
+    x = to_model_input(torch.from_numpy(clips), crop=crop, flip=False)
     with torch.no_grad():
         recon, _ = tokenizer(x, sample=False)
     clips, recons = to_uint8(x).cpu().numpy(), to_uint8(recon).cpu().numpy()

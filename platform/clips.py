@@ -5,6 +5,7 @@ model's float input in [-1, 1] with random crop and flip (training) or a centre 
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,32 @@ def clip_dataset(
     if columns is not None:
         ds = ds.select_columns(list(columns))
     return ds
+
+
+def first_clips(prepared: PreparedData, split: str, count: int) -> np.ndarray:
+    """The first ``count`` clips of a split as ``(N, T, H, W, 3)`` uint8, read straight from
+    its shard files: a handful of clips for a figure is no job for a Ray Data execution
+    (whose read tasks start worker processes: seconds on a busy small machine)."""
+    out: list[np.ndarray] = []
+    for uri in prepared.files(split):
+        out.append(_clip_array(read_parquet_columns(uri, ["clip"])))
+        if sum(len(a) for a in out) >= count:
+            break
+    return np.concatenate(out)[:count]
+
+
+def _clip_array(table: Any) -> np.ndarray:
+    """A shard's ``clip`` column (Ray Data's tensor extension: a list of uint8 per row, the
+    shape in the type, or in the field's metadata where Ray has not registered the type)."""
+    import pyarrow as pa
+
+    column = table.column("clip").combine_chunks()
+    shape = getattr(column.type, "shape", None)
+    if shape is None:
+        meta = table.schema.field("clip").metadata or {}
+        shape = json.loads(meta[b"ARROW:extension:metadata"])
+    lists = column.storage if isinstance(column.type, pa.ExtensionType) else column
+    return lists.flatten().to_numpy().reshape(len(column), *shape)
 
 
 def read_shards(paths: str | list[str], *, partitioning: Any = None) -> Any:

