@@ -167,6 +167,10 @@ def ensure_ray(log_to_driver: bool = True) -> None:
     else:
         # One machine is never preempted: no watcher actor per Train run (a process each).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Each trial starts about six processes at once (its driver, Train's controller,
+        # sync actor, placement-group cleaner, dataset manager, worker); Ray's default of
+        # one concurrent start per CPU queues them and warns on the console.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "8")
         ray.init(address="local", runtime_env=ray_runtime_env(), log_to_driver=log_to_driver)
 
 

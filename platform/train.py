@@ -357,6 +357,9 @@ def run_training(
     resources = {"CPU": cfg.cpus_per_worker, **parse_resources("train.resources", cfg.resources)}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    # The controller polls its workers this often (Ray's default: 2 s), so each poll it
+    # waits for (a finished worker, a reported checkpoint) costs a short run up to that long.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     env = {"RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
