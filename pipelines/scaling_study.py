@@ -106,7 +106,7 @@ def _tuner(
             return None, None
         print(f"[vitok] {len(done)} trials already committed, {len(pending)} to run")
         space = {"overrides": tune.grid_search(pending)}
-        tune_config = TuneConfig(max_concurrent_trials=search.max_concurrent)
+        tune_config = TuneConfig(max_concurrent_trials=search.max_concurrent, reuse_actors=True)
         tuner = Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
         return tuner, None
 
@@ -147,6 +147,7 @@ def _tuner(
         scheduler=scheduler,
         num_samples=remaining,
         max_concurrent_trials=search.max_concurrent,
+        reuse_actors=True,
     )
     space = {name: tune.choice(values) for name, values in axes.items()}
     tuner = Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)

@@ -48,6 +48,7 @@ def run_trial(
     that finds its committed result reports it and returns (a rerun costs nothing); one
     killed half-way resumes its Ray Train runs from their checkpoints, into its MLflow runs.
     """
+    started = time.perf_counter()  # the platform's share includes this process's imports
     import ray
     import ray.data
     from ray import tune
@@ -63,7 +64,6 @@ def run_trial(
     if committed is not None:
         tune.report(scalars(committed))
         return
-    started = time.perf_counter()
     # Concurrent trials' Ray Data progress bars would interleave on the study's console.
     ray.data.DataContext.get_current().enable_progress_bars = False
     node = ray.get_runtime_context().get_node_id()
