@@ -1,14 +1,17 @@
 """The trained tokenizer as an MLflow pyfunc model: uint8 clips in, reconstructions out.
 
-Loads its weights with ``torch.load(..., weights_only=True)`` from the logged artifacts;
-no pickled module objects. ``predict`` takes ``(B, T, H, W, 3)`` uint8 (numpy) at the
-tokenizer's input size and returns the reconstructions in the same layout and dtype.
+Logged as code (MLflow's models-from-code: this file is the model's definition, its last
+line names the model), so nothing is pickled; the weights load with
+``torch.load(..., weights_only=True)`` from the logged artifacts. ``predict`` takes
+``(B, T, H, W, 3)`` uint8 (numpy) at the tokenizer's input size and returns the
+reconstructions in the same layout and dtype.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import torch
@@ -26,7 +29,9 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.tokenizer.load_state_dict(state)
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+    # No type hints: MLflow reads them as a schema (a list of rows); the logged signature
+    # (``signature`` below) gives the tensor shapes instead.
+    def predict(self, context, model_input, params=None):
         clips = np.asarray(model_input)
         if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
             raise ValueError(
@@ -36,3 +41,14 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             recon, _ = self.tokenizer(x, sample=False)
         return ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def signature(input_size: tuple[int, int, int]) -> mlflow.models.ModelSignature:
+    """uint8 clips ``(B, T, H, W, 3)`` in and out, at the tokenizer's input size."""
+    from mlflow.types import Schema, TensorSpec
+
+    clips = Schema([TensorSpec(np.dtype(np.uint8), (-1, *input_size, 3))])
+    return mlflow.models.ModelSignature(inputs=clips, outputs=clips)
+
+
+mlflow.models.set_model(TokenizerModel())

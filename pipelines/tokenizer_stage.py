@@ -166,21 +166,21 @@ def log_mlflow_model(uri: str, run_id: str, checkpoint_dir: str, model: Tokenize
     """Log the trained tokenizer as an MLflow pyfunc model (uint8 clips in, out)."""
     import mlflow
 
-    from vitok.pipelines.mlflow_model import TokenizerModel
+    from vitok.pipelines import mlflow_model
+    from vitok.platform.config import to_yaml
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = load_tokenizer(checkpoint_dir, model)
         weights = Path(tmp) / "tokenizer.pt"
-        torch.save(tokenizer.state_dict(), weights)
+        torch.save(load_tokenizer(checkpoint_dir, model).state_dict(), weights)
         config = Path(tmp) / "tokenizer.yaml"
-        from vitok.platform.config import to_yaml
-
         config.write_text(to_yaml(model))
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="tokenizer",
-                python_model=TokenizerModel(),
+                python_model=mlflow_model.__file__,  # models-from-code: nothing pickled
+                signature=mlflow_model.signature(model.input_size),
+                input_example=np.zeros((1, *model.input_size, 3), np.uint8),
                 artifacts={"weights": str(weights), "config": str(config)},
                 pip_requirements=["torch", "einops", "pyyaml", "vitok"],
             )
