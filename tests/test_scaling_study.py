@@ -180,22 +180,39 @@ def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri):
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{db}")
     assert len(study.directions) == 2
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
+    # --resume with one more sample: both objectives of the finished trials are told to the
+    # new sampler, and no finished trial runs again.
+    more = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, num_samples=3))
+    second = run_study(more, resume=True, force=True, preset_name="smoke-study")
+    assert second.store.uri == result.store.uri and not second.failed
+    starts = [e["trial"] for e in second.store.events() if e["event"] == "started"]
+    assert len(starts) == len(set(starts)) == len(second.store.results()) in (2, 3)
+    told = optuna.load_study(
+        study_name=cfg.name, storage=f"sqlite:///{second.store.path('optuna.db')}"
+    )
+    assert len(told.directions) == 2 and len(told.trials) == 3
 
 
 @pytest.mark.slow
-def test_smoke_study_optuna_single_objective_with_asha_resumes(ray_local, tmp_path, mlflow_uri):
-    """The default objective (psnr:max) with ASHA: every result Tune sees carries val/psnr
-    (evaluations during training reach Tune, training-only reports do not); a resumed study
-    tells the sampler the finished trials and runs only the remaining samples."""
+@pytest.mark.parametrize("asha", [True, False], ids=["asha", "no-asha"])
+def test_smoke_study_optuna_single_objective_resumes(ray_local, tmp_path, mlflow_uri, asha):
+    """The default objective (psnr:max), with ASHA (the default) and without: every result
+    Tune sees carries val/psnr (evaluations during training reach Tune, training-only reports
+    do not); a resumed study tells the sampler the finished trials and runs only the
+    remaining samples."""
     import optuna
 
     from vitok.pipelines.scaling_study import run_study
 
     cfg = _study_cfg(tmp_path, mlflow_uri, mode="optuna", num_samples=2, sweeps=("c=2,4,8",))
+    search = dataclasses.replace(cfg.search, asha=asha)
     cfg = dataclasses.replace(
-        cfg, generator_train=None, train=dataclasses.replace(cfg.train, eval_every=4)
+        cfg,
+        generator_train=None,
+        train=dataclasses.replace(cfg.train, eval_every=4),
+        search=search,
     )
-    assert cfg.search.asha and cfg.search.objectives == ("psnr:max",)
+    assert cfg.search.asha == asha and cfg.search.objectives == ("psnr:max",)
     first = run_study(cfg, preset_name="smoke-study")
     assert len(first.rows) + len(first.failed) == 2, first.failed
     assert first.rows and all("val/psnr" in r for r in first.rows)
