@@ -29,9 +29,11 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.tokenizer.load_state_dict(state)
 
-    # No type hints: MLflow reads them as a schema (a list of rows); the logged signature
-    # (``signature`` below) gives the tensor shapes instead.
-    def predict(self, context, model_input, params=None):
+    # model_input: np.ndarray, a hint MLflow accepts without inferring a schema from it (the
+    # logged signature, ``signature`` below, gives the tensor shapes).
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict | None = None
+    ) -> np.ndarray:
         clips = np.asarray(model_input)
         if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
             raise ValueError(
