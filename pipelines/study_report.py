@@ -338,3 +338,12 @@ def print_time_shares(rows: list[dict[str, Any]]) -> None:
         f"evaluating; platform overhead {share:.0%} "
         f"(worst {worst['trial']} {worst['time/platform_share']:.0%})"
     )
+    starts = sorted(r["time/to_first_step_s"] for r in timed if r.get("time/to_first_step_s"))
+    if starts:  # where the overhead goes: mostly before the first step
+        median = starts[len(starts) // 2]
+        rest = (wall - work) / len(timed) - sum(starts) / len(starts)
+        print(
+            f"               per trial: {median:.0f} s to its first training step (median; "
+            f"imports, MLflow, Ray Train and DeepSpeed start-up, data), {max(rest, 0):.0f} s "
+            "after it (checkpoints, logging, shut-down)"
+        )

@@ -48,7 +48,7 @@ def run_trial(
     that finds its committed result reports it and returns (a rerun costs nothing); one
     killed half-way resumes its Ray Train runs from their checkpoints, into its MLflow runs.
     """
-    started = time.perf_counter()  # the platform's share includes this process's imports
+    started, started_at = time.perf_counter(), time.time()  # includes this process's imports
     import ray
     import ray.data
     from ray import tune
@@ -101,6 +101,9 @@ def run_trial(
         result["generator_checkpoint"] = gen.checkpoint_dir
         work_s += gen.work_s
     result.update(time_shares(time.perf_counter() - started, work_s))
+    first_step_at = tok.stage1.metrics.get("time/first_step_at", 0.0)
+    if first_step_at:  # the trial's start-up: imports, data, MLflow, Ray Train, DeepSpeed
+        result["time/to_first_step_s"] = max(0.0, first_step_at - started_at)
     if tok.run_id:  # beside the trial's curves, for the runs table
         logger = RunLogger(cfg.tracking.uri, tok.run_id)
         logger.log_metrics({k: v for k, v in result.items() if k.startswith("time/")})

@@ -205,6 +205,7 @@ class Loop:
         self.micro = 0
         self.cache = EpochCache(self.cfg.cache_mb)
         self.clock = (time.perf_counter(), self.state["step"])
+        self.first_step_at = 0.0  # wall clock (epoch s) when this attempt began its first step
 
     def run(self) -> None:
         cfg, job, state = self.cfg, self.job, self.state
@@ -219,6 +220,7 @@ class Loop:
             self.epoch()
         final = self.evaluate()
         times = {"time/train_s": state["train_s"], "time/eval_s": state["eval_s"]}
+        times["time/first_step_at"] = self.first_step_at
         self.metrics = {**self.metrics, **final, **times}
         if self.rank == 0:
             summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items())
@@ -258,6 +260,7 @@ class Loop:
         """One micro step; True when it completed an optimizer step."""
         job, cfg, worker, step = self.job, self.cfg, self.worker, self.state["step"]
         started = time.perf_counter()
+        self.first_step_at = self.first_step_at or time.time()
         torch.manual_seed(_step_seed(cfg.seed, self.rank, step * cfg.grad_accum + self.micro))
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.rank, step))
         model_batch = job.batch_fn(_select(batch, job.columns), True, gen)

@@ -149,6 +149,9 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
         assert row["time/platform_share"] == pytest.approx(
             1 - row["time/work_s"] / row["time/trial_s"]
         )
+        # start-up is platform time: it fits in what is not training or evaluating
+        startup = row["time/to_first_step_s"]
+        assert 0 < startup < row["time/trial_s"] - row["time/work_s"]
     # The best trial (psnr:max) is a registered model version that loads and reconstructs.
     best = max(result.rows, key=lambda r: r["val/psnr"])
     assert result.best["trial"] == best["trial"]
