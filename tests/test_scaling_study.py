@@ -48,9 +48,9 @@ def test_search_config_errors_name_the_field():
 
 def test_demo_preset_trials_resolve_to_valid_distinct_configs():
     cfg = preset("demo")
-    from vitok.pipelines.scaling_study import _unique_trials
+    from vitok.pipelines.study_tune import unique_trials
 
-    trials = _unique_trials(cfg)
+    trials = unique_trials(cfg)
     resolved = [apply_overrides(cfg, list(t)) for t in trials]
     es = sorted({r.tokenizer.latent_floats for r in resolved})
     assert len(es) >= 4  # an E sweep the fit can mean something on
