@@ -10,11 +10,14 @@ Batches are ``{"z": (B, t, h, w, c) float, normalised latents, "label": (B,) int
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from vitok.generator.config import GeneratorConfig
@@ -101,3 +104,42 @@ _OLD_BLOCK = re.compile(r"^(blocks\.\d+\.)block\.")
 
 def _current_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_OLD_BLOCK.sub(r"\1", k): v for k, v in state.items()}
+
+
+class DiffusionLossEvaluator:
+    """The diffusion loss over a split (no label dropout; timesteps and noise drawn from a
+    fixed seed, ``repeats`` draws per clip), averaged across workers."""
+
+    def __init__(self, cfg: GeneratorConfig, repeats: int = 4, seed: int = 1234) -> None:
+        self.objective: Objective = build_objective(dataclasses.replace(cfg, class_dropout=0.0))
+        self.repeats, self.seed = repeats, seed
+        self.total, self.count, self.batches = 0.0, 0, 0
+
+    def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
+        z, y = batch["z"], batch["label"].long()  # (B, t, h, w, c), (B,)
+        for r in range(self.repeats):
+            gen = torch.Generator(device=z.device)
+            gen.manual_seed(self.seed + 1000 * self.batches + r)
+            loss, _ = self.objective.training_loss(model, z, y, generator=gen)
+            self.total += float(loss.detach()) * z.shape[0]
+            self.count += z.shape[0]
+        self.batches += 1
+
+    def compute(self) -> dict[str, float]:
+        sums = torch.tensor([self.total, float(self.count)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                sums = sums.cuda()
+            dist.all_reduce(sums)
+        total, count = sums.tolist()
+        return {"diffusion_loss": total / max(count, 1.0)}
+
+
+@dataclass(frozen=True)
+class MakeDiffusionEvaluator:
+    """Picklable ``() -> DiffusionLossEvaluator`` for the platform's training job."""
+
+    cfg: GeneratorConfig
+
+    def __call__(self) -> DiffusionLossEvaluator:
+        return DiffusionLossEvaluator(self.cfg)

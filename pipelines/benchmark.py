@@ -261,7 +261,7 @@ def _platform_rate(args, variant: str, size: tuple[int, int, int], workers: int,
     import numpy as np
     import ray
 
-    from vitok.pipelines.tokenizer_stage import ClipBatch
+    from vitok.platform.clips import ClipBatch
     from vitok.platform.train import TrainJob, run_training
 
     model, task = _bench_model(args, variant, size)

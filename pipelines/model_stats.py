@@ -16,9 +16,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+import numpy as np
 
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.flops import forward_flops, param_counts
+
+
+def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
+    """What a run logs about its tokenizer: variant, p, q, c, E, L, sizes, params, FLOPs
+    (computed once from the config; never read back from a run's params)."""
+    counts = param_counts(model)
+    flops = forward_flops(model)
+    return {
+        "variant": model.variant,
+        "encoder_size": model.encoder_size,
+        "decoder_size": model.decoder_size,
+        "p": model.patch,
+        "q": model.tubelet,
+        "c": model.channels,
+        "L": model.num_tokens,
+        "E": model.latent_floats,
+        "log2_E": float(np.log2(model.latent_floats)),
+        "pixels_per_float": model.pixels_per_float,
+        "frames": model.input_size[0],
+        "encoder_params_M": counts["encoder"] / 1e6,
+        "decoder_params_M": counts["decoder"] / 1e6,
+        "params_M": counts["total"] / 1e6,
+        "gflops": flops["gflops"],
+    }
 
 
 def parse_input(text: str) -> tuple[int, int, int]:

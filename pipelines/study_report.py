@@ -55,7 +55,7 @@ def register_best(
 ) -> dict[str, Any] | None:
     """Register the best trial's tokenizer (first objective) as an MLflow model version,
     once per best trial (a resumed study with the same best registers nothing new)."""
-    from vitok.pipelines.tokenizer_stage import register_tokenizer
+    from vitok.pipelines.model_registry import register_tokenizer
 
     name = cfg.tracking.registered_model
     metric, mode = parse_objective(cfg.search.objectives[0])

@@ -18,7 +18,6 @@ from vitok.platform.study import (
     StudyStore,
     report_to_tune_callback,
 )
-from vitok.platform.tracking import RunLogger
 
 RECON_METRICS = ("psnr", "ssim", "lpips", "fid", "fvd")
 
@@ -54,7 +53,8 @@ def run_trial(
     from ray import tune
 
     from vitok.pipelines.generator_stage import run_generator
-    from vitok.pipelines.tokenizer_stage import run_tokenizer, tokenizer_params
+    from vitok.pipelines.model_stats import tokenizer_params
+    from vitok.pipelines.tokenizer_stage import TokenizerRun, run_tokenizer
     from vitok.platform.data import prepare
 
     overrides = trial_overrides(config)
@@ -72,7 +72,36 @@ def run_trial(
     prepared = prepare(cfg.data, cfg.storage.uri, progress=False)  # committed: reused at once
     objectives = [objective_key(m) for m, _ in map(parse_objective, cfg.search.objectives)]
     to_tune = report_to_tune_callback(objectives, scalars(tokenizer_params(cfg.tokenizer)))
-    tok = run_tokenizer(
+    result: dict[str, Any] = {"trial": name}
+
+    def finish(tok: TokenizerRun) -> dict[str, float]:
+        """The rest of the trial, inside the tokenizer's run: its time/* land beside its curves."""
+        result.update({"tokenizer_run_id": tok.run_id or ""})
+        result.update(scalars(tok.params))
+        result.update(tok.metrics)
+        result["tokenizer_checkpoint"] = tok.checkpoint_dir
+        work_s = tok.work_s
+        if cfg.generator_train is not None:
+            gen = run_generator(
+                cfg,
+                prepared,
+                tok.checkpoint_dir,
+                run_dir=storage.join(store.trial_dir(name), "generator"),
+                parent_run_id=parent_run_id,
+                run_name=f"{name}-gen",
+                tokenizer_run_id=tok.run_id,
+            )
+            result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
+            result["generator_run_id"] = gen.run_id or ""
+            result["generator_checkpoint"] = gen.checkpoint_dir
+            work_s += gen.work_s
+        result.update(time_shares(time.perf_counter() - started, work_s))
+        first_step_at = tok.stage1.metrics.get("time/first_step_at", 0.0)
+        if first_step_at:  # the trial's start-up: imports, data, MLflow, Ray Train, DeepSpeed
+            result["time/to_first_step_s"] = max(0.0, first_step_at - started_at)
+        return {k: v for k, v in result.items() if k.startswith("time/")}
+
+    run_tokenizer(
         cfg,
         prepared,
         run_dir=store.trial_dir(name),
@@ -80,34 +109,8 @@ def run_trial(
         run_name=name,
         log_model=False,
         callbacks=[to_tune],
+        on_finish=finish,
     )
-    result: dict[str, Any] = {"trial": name, "tokenizer_run_id": tok.run_id or ""}
-    result.update(scalars(tok.params))
-    result.update(tok.metrics)
-    result["tokenizer_checkpoint"] = tok.checkpoint_dir
-    work_s = tok.work_s
-    if cfg.generator_train is not None:
-        gen = run_generator(
-            cfg,
-            prepared,
-            tok.checkpoint_dir,
-            run_dir=storage.join(store.trial_dir(name), "generator"),
-            parent_run_id=parent_run_id,
-            run_name=f"{name}-gen",
-            tokenizer_run_id=tok.run_id,
-        )
-        result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
-        result["generator_run_id"] = gen.run_id or ""
-        result["generator_checkpoint"] = gen.checkpoint_dir
-        work_s += gen.work_s
-    result.update(time_shares(time.perf_counter() - started, work_s))
-    first_step_at = tok.stage1.metrics.get("time/first_step_at", 0.0)
-    if first_step_at:  # the trial's start-up: imports, data, MLflow, Ray Train, DeepSpeed
-        result["time/to_first_step_s"] = max(0.0, first_step_at - started_at)
-    if tok.run_id:  # beside the trial's curves, for the runs table
-        logger = RunLogger(cfg.tracking.uri, tok.run_id)
-        logger.log_metrics({k: v for k, v in result.items() if k.startswith("time/")})
-        logger.close()
     result["node_id"] = node
     store.commit(name, {**result, "params": dict(config), "overrides": list(overrides)})
     store.log_event(name, "finished", node_id=node)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -190,3 +191,15 @@ def model_batches(
     ):
         x = to_model_input(batch["clip"], crop=crop, flip=train, generator=generator, dtype=dtype)
         yield x, batch["label"]
+
+
+@dataclass(frozen=True)
+class ClipBatch:
+    """Ray Data batch -> task batch, on the worker: crop/flip for training, centre crop for
+    evaluation, values in [-1, 1]."""
+
+    crop: tuple[int, int] | None
+
+    def __call__(self, batch: dict[str, torch.Tensor], training: bool, gen: torch.Generator):
+        x = to_model_input(batch["clip"], crop=self.crop, flip=training, generator=gen)
+        return {"x": x, "label": batch["label"]}

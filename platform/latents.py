@@ -78,6 +78,16 @@ class LatentStats:
         return cls(tuple(data["mean"]), tuple(data["std"]), int(data["count"]))
 
 
+@dataclass(frozen=True)
+class LatentBatch:
+    """Ray Data batch -> task batch on the worker: normalised latents and labels."""
+
+    stats: LatentStats
+
+    def __call__(self, batch: dict[str, torch.Tensor], training: bool, gen: torch.Generator):
+        return {"z": self.stats.normalise(batch["latent"]), "label": batch["label"]}
+
+
 class ChannelMoments:
     """Exact float64 sums per channel (n, sum z, sum z^2), mergeable across batches."""
 
@@ -336,6 +346,7 @@ def _stack(column: np.ndarray) -> np.ndarray:
 __all__ = [
     "ChannelMoments",
     "EncoderFactory",
+    "LatentBatch",
     "LatentEncoder",
     "LatentSet",
     "LatentStats",

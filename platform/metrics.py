@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,6 +65,8 @@ __all__ = [
     "LpipsFn",
     "MetricState",
     "MetricsConfig",
+    "MakeReconstructionEvaluator",
+    "ReconstructionEvaluator",
     "ReconstructionMetrics",
     "announce_skip",
     "as_clips",
@@ -309,3 +312,41 @@ class ReconstructionMetrics:
                     continue
                 results[metric] = frechet_from_moments(real, fake)
         return results
+
+
+class ReconstructionEvaluator:
+    """A training job's evaluator: ``ReconstructionMetrics`` over a whole split of
+    ``{"x": clips}`` batches. ``reconstruct(model, x) -> recon`` is the model's evaluation
+    pass and ``make_lpips() -> network | None`` builds LPIPS (both from the model package)."""
+
+    def __init__(
+        self,
+        metrics: MetricsConfig,
+        reconstruct: Callable[[torch.nn.Module, Tensor], Tensor],
+        make_lpips: Callable[[], torch.nn.Module | None] | None = None,
+    ) -> None:
+        lpips = make_lpips() if make_lpips is not None else None
+        if lpips is not None:
+            lpips.requires_grad_(False).eval()
+        self.reconstruct = reconstruct
+        self.metrics = ReconstructionMetrics(metrics, lpips_fn=lpips)
+
+    def update(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> None:
+        x = batch["x"]  # (B, T, H, W, 3) in [-1, 1]
+        recon = self.reconstruct(model, x)
+        self.metrics.update(x.float(), recon.float().clamp(-1, 1))
+
+    def compute(self) -> dict[str, float]:
+        return self.metrics.compute()
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeReconstructionEvaluator:
+    """Picklable ``() -> ReconstructionEvaluator`` for ``TrainJob.make_evaluator``."""
+
+    metrics: MetricsConfig
+    reconstruct: Callable[[torch.nn.Module, Tensor], Tensor]
+    make_lpips: Callable[[], torch.nn.Module | None] | None = None
+
+    def __call__(self) -> ReconstructionEvaluator:
+        return ReconstructionEvaluator(self.metrics, self.reconstruct, self.make_lpips)

@@ -12,9 +12,12 @@ whatever is still unsent at the end is reported by kind and kept (see ``tracking
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vitok.platform import storage
 from vitok.platform.run_logger import RunLogger
@@ -27,6 +30,9 @@ __all__ = [
     "RunLogger",
     "TrackingConfig",
     "get_or_create_experiment",
+    "log_pyfunc_model",
+    "owned_run",
+    "register_model",
     "resolve_uri",
     "start_run",
 ]
@@ -103,3 +109,74 @@ def start_run(
     if resume_file is not None:
         storage.write_text(resume_file, run_id)
     return run_id
+
+
+@contextmanager
+def owned_run(
+    cfg: TrackingConfig,
+    run_name: str,
+    *,
+    resume_file: str | Path | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[RunLogger | None]:
+    """The one owner of a stage's run: creates (or resumes, see ``start_run``) the run and
+    yields its logger (None when tracking is disabled); ends it FINISHED when the body
+    returns and FAILED when it raises. Workers log steps to the same run by its id."""
+    run_id = start_run(
+        cfg, run_name, resume_file=resume_file, parent_run_id=parent_run_id, tags=tags
+    )
+    logger = RunLogger(cfg.uri, run_id) if run_id else None
+    try:
+        yield logger
+    except BaseException:
+        if logger:
+            logger.finish("FAILED")
+        raise
+    if logger:
+        logger.finish("FINISHED")
+
+
+def log_pyfunc_model(
+    uri: str,
+    run_id: str,
+    name: str,
+    python_model: Any,
+    module: Any,
+    config_yaml: str,
+    pip_requirements: Sequence[str],
+    *,
+    signature: Any = None,
+    input_example: Any = None,
+) -> str:
+    """Log ``module`` (an ``nn.Module``) as an MLflow pyfunc model ``name`` in ``run_id``:
+    its state dict and config YAML as the artifacts ``weights`` and ``config`` that
+    ``python_model`` (a ``PythonModel``, or the path of a models-from-code file) loads.
+    Returns the model URI."""
+    import mlflow
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / f"{name}.pt"
+        torch.save(module.state_dict(), weights)
+        config = Path(tmp) / f"{name}.yaml"
+        config.write_text(config_yaml)
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=python_model,
+                signature=signature,
+                input_example=input_example,
+                artifacts={"weights": str(weights), "config": str(config)},
+                pip_requirements=list(pip_requirements),
+            )
+    return info.model_uri
+
+
+def register_model(model_uri: str, name: str, tags: Mapping[str, Any]) -> str:
+    """Register a logged model as a new version of ``name``: ``models:/<name>/<version>``."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return f"models:/{name}/{version.version}"

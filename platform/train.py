@@ -337,7 +337,8 @@ def run_training(
 
     ``storage_path`` is a folder or URI under the storage root that every node reaches (the
     checkpoints live there). ``datasets``: "train" and optionally "val" Ray Datasets (read as
-    ``train_data.data_config`` says). The caller creates the MLflow run (``job.run_id``);
+    ``train_data.data_config`` says). The caller owns the MLflow run (``job.run_id``): it
+    creates and ends it and sets its tags (the workers' rank 0 logs the steps to it);
     ``callbacks`` are Ray Train callbacks (a Tune trial passes one that forwards reports).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -382,24 +383,30 @@ def run_training(
         datasets=dict(datasets),
         dataset_config=data_config(datasets),
     )
-    logger = RunLogger(job.tracking.uri, job.run_id) if job.run_id and job.tracking else None
-    if logger:
-        logger.log_dict(deepspeed_config(cfg), "deepspeed_config.json")
-    try:
-        result = trainer.fit()
-    except Exception:
-        if logger:
-            logger.finish("FAILED")
-        raise
+    result = trainer.fit()
     ckpt = None
     if result.checkpoint is not None:  # as a location under storage (a URI when remote)
         ckpt = storage.join(run_dir, storage.name(result.checkpoint.path))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    if logger and ckpt:
-        logger.set_tags({"checkpoint": ckpt, "ray_storage": run_dir})
-    if logger:  # sent before the caller ends the run with its own logger
-        logger.close()
     return TrainResult(checkpoint_dir=ckpt, metrics=metrics, storage_dir=run_dir, run_id=job.run_id)
+
+
+def run_recorded_training(
+    logger: RunLogger | None,
+    job: TrainJob,
+    datasets: Mapping[str, Any],
+    *,
+    storage_path: str | Path,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """``run_training``, recorded on the caller's run through its logger (which stays open):
+    the DeepSpeed config before, the ``checkpoint`` and ``ray_storage`` tags after."""
+    if logger:
+        logger.log_dict(deepspeed_config(job.train), "deepspeed_config.json")
+    result = run_training(job, datasets, storage_path=storage_path, callbacks=callbacks)
+    if logger and result.checkpoint_dir:
+        logger.set_tags({"checkpoint": result.checkpoint_dir, "ray_storage": result.storage_dir})
+    return result
 
 
 __all__ = [
@@ -419,5 +426,6 @@ __all__ = [
     "make_optimizer",
     "named_losses",
     "optimizer_parts",
+    "run_recorded_training",
     "run_training",
 ]

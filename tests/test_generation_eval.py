@@ -11,24 +11,20 @@ import torch
 from helpers_metrics import randomize_inception_
 
 from vitok.generator import GeneratorConfig, build_objective
+from vitok.generator.sampling import generate, sample_labels, sample_noise
 from vitok.generator.task import GeneratorTask
+from vitok.pipelines.checkpoint_models import tokenizer_from_checkpoint
 from vitok.pipelines.generation_eval import (
     GeneratedClips,
     GeneratedFeatures,
     GenerationSpec,
     RealFeatures,
-    generate,
-    generation_metrics,
     latent_features,
-    networks_configured,
     preview_ids,
-    resolve_networks,
-    sample_labels,
-    sample_noise,
 )
 from vitok.pipelines.study_report import generation_beside_paper
-from vitok.pipelines.tokenizer_stage import load_tokenizer
 from vitok.platform import inception
+from vitok.platform.feature_pool import generation_metrics, networks_configured, resolve_networks
 from vitok.platform.latents import LatentStats
 from vitok.platform.metrics import FeatureMoments, MetricsConfig, frechet_from_moments
 from vitok.tokenizer import TokenizerConfig, ViTok
@@ -103,7 +99,7 @@ def test_sampling_actor_features_match_a_direct_computation_in_any_batching(spec
     task.load_extra_state(extra)
     ema = task.eval_module(dit).eval()
     assert not torch.equal(ema.final_layer.linear.weight, dit.final_layer.linear.weight)
-    tokenizer = load_tokenizer(spec.tokenizer_checkpoint, TOK)
+    tokenizer = tokenizer_from_checkpoint(spec.tokenizer_checkpoint, TOK)
     ids = torch.arange(6)
     _, clips = generate(
         ema,
@@ -176,7 +172,7 @@ def test_generation_metrics_with_their_sample_counts():
 
 
 def test_pixel_features_pool_each_frame_to_4x4_and_compare_across_trials():
-    from vitok.pipelines.generation_eval import pixel_features
+    from vitok.platform.feature_pool import pixel_features
 
     clips = torch.zeros(2, 3, 16, 16, 3, dtype=torch.uint8)
     clips[0, :, :8, :8] = 255  # the top-left quarter white in every frame of clip 0

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from vitok.generator import GeneratorConfig, build_objective
-from vitok.generator.task import GeneratorTask, load_generator
-from vitok.pipelines.generation_eval import generate, generation_metrics, latent_features
-from vitok.pipelines.generator_stage import DiffusionLossEvaluator, LatentBatch
-from vitok.platform.latents import ChannelMoments, LatentEncoder, LatentStats
+from vitok.generator.sampling import generate
+from vitok.generator.task import DiffusionLossEvaluator, GeneratorTask, load_generator
+from vitok.pipelines.generation_eval import latent_features
+from vitok.platform.feature_pool import generation_metrics
+from vitok.platform.latents import ChannelMoments, LatentBatch, LatentEncoder, LatentStats
 from vitok.platform.metrics import FeatureMoments
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
@@ -232,15 +233,15 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
 
     # The reported distance is the one of samples 0 .. 11, recomputed here without Ray from
     # the checkpoints: the same per-sample noise and labels, re-encoded, against val latents.
+    from vitok.generator.sampling import sample_noise
     from vitok.generator.task import load_generator
-    from vitok.pipelines.generation_eval import sample_noise
-    from vitok.pipelines.tokenizer_stage import load_tokenizer
+    from vitok.pipelines.checkpoint_models import tokenizer_from_checkpoint
     from vitok.platform.metrics import frechet_from_moments
     from vitok.platform.train import load_model_state
 
     extra = torch.load(f"{run.checkpoint_dir}/task_state.pt", weights_only=True)
     dit = load_generator(load_model_state(run.checkpoint_dir), cfg.generator, 4, extra)
-    tokenizer = load_tokenizer(tok.checkpoint_dir, cfg.tokenizer)
+    tokenizer = tokenizer_from_checkpoint(tok.checkpoint_dir, cfg.tokenizer)
     ids = torch.arange(cfg.metrics.gen_samples)
     _, clips = generate(
         dit,
@@ -260,8 +261,8 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     assert run.metrics["gen/frechet_tokenizer_latent"] == pytest.approx(expected, rel=1e-4)
 
     # frechet_pixels: the same samples and the first val clips, frames pooled to 4x4 RGB.
-    from vitok.pipelines.generation_eval import pixel_features
     from vitok.platform.data import clip_dataset, to_model_input
+    from vitok.platform.feature_pool import pixel_features
 
     val = clip_dataset(prepared, "val").limit(cfg.metrics.gen_samples).take_all()
     real_clips = to_model_input(np.stack([r["clip"] for r in val]), crop=None, flip=False)

@@ -22,9 +22,8 @@ import torch
 from helpers_train import train_locally
 
 from vitok.generator import GeneratorConfig
-from vitok.generator.task import GeneratorTask
-from vitok.pipelines.generator_stage import DiffusionLossEvaluator
-from vitok.pipelines.tokenizer_stage import ClipBatch
+from vitok.generator.task import DiffusionLossEvaluator, GeneratorTask
+from vitok.platform.clips import ClipBatch
 from vitok.platform.synthetic import render_clip
 from vitok.platform.train import TrainConfig
 from vitok.tokenizer import LossConfig, TokenizerConfig, ViTok

@@ -143,7 +143,7 @@ def check_fp32_weights(cfg: ExperimentConfig, prepared, run) -> None:
     import mlflow
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from vitok.pipelines.tokenizer_stage import log_mlflow_model
+    from vitok.pipelines.model_registry import log_mlflow_model
     from vitok.platform.train import load_model_state
     from vitok.tokenizer.task import TokenizerTask
 

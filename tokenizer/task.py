@@ -180,6 +180,13 @@ def load_tokenizer(
     return tokenizer.eval()
 
 
+def reconstruct(model: nn.Module, x: Tensor) -> Tensor:
+    """The evaluation pass: x (B, T, H, W, 3) in [-1, 1] -> the reconstruction decoded from
+    the posterior mean (no sampling), same shape."""
+    recon, _ = model(x, sample=False)
+    return recon
+
+
 def _tokenizer_of(model: nn.Module) -> ViTok:
     return model.tokenizer if isinstance(model, Stage2Module) else model  # type: ignore[return-value]
 
