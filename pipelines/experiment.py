@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.search import SearchConfig
@@ -22,14 +23,35 @@ from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.losses import LossConfig
 
 
+def derived_input_size(data: DataConfig) -> tuple[int, int, int]:
+    """The tokenizer's input: (frames, crop or stored size)."""
+    height, width = data.crop or data.size
+    return (data.frames, height, width)
+
+
+def _derived_error(got: object, wanted: tuple) -> ValueError:
+    return ValueError(
+        f"tokenizer.input_size={got!r} is derived from data.frames and data.crop/size "
+        f"({wanted!r}); leave it unset"
+    )
+
+
+# TokenizerConfig's default input size: an ExperimentConfig built in Python without one.
+UNSET_INPUT_SIZE = TokenizerConfig.__dataclass_fields__["input_size"].default
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One tokenizer (stage 1, optional stage 2) and its generator, on one dataset.
 
-    ``tokenizer.input_size`` always follows the data: (frames, crop or stored size).
-    ``stage2=None`` skips the GAN decoder fine-tune; ``generator_train=None`` skips the
-    generator.
+    ``tokenizer.input_size`` is derived from the data: (frames, crop or stored size). Left
+    unset (in Python: ``TokenizerConfig``'s default) it is filled in; set to another value
+    it is an error. ``stage2=None`` skips the GAN decoder fine-tune;
+    ``generator_train=None`` skips the generator.
     """
+
+    # Fields computed from others (``apply_overrides`` derives them anew after an override).
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("tokenizer.input_size",)
 
     name: str = "vitok"
     data: DataConfig = field(default_factory=DataConfig)
@@ -47,10 +69,11 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty name without '/'")
-        frames = self.data.frames
-        height, width = self.data.crop or self.data.size
-        wanted = (frames, height, width)
-        if tuple(self.tokenizer.input_size) != wanted:
+        wanted = derived_input_size(self.data)
+        got = tuple(self.tokenizer.input_size)
+        if got != wanted:
+            if got != UNSET_INPUT_SIZE:
+                raise _derived_error(got, wanted)
             # Derived, not duplicated: re-validated by TokenizerConfig (divisibility errors).
             object.__setattr__(
                 self, "tokenizer", dataclasses.replace(self.tokenizer, input_size=wanted)
@@ -58,14 +81,21 @@ class ExperimentConfig:
 
     @classmethod
     def normalize_dict(cls, data: dict) -> dict:
-        """Before validation: the tokenizer's input_size follows the data section."""
+        """Before validation: the tokenizer's input_size follows the data section; a given
+        one (a dumped config holds it) must equal it."""
         data_sec = dict(data.get("data") or {})
         defaults = DataConfig()
         frames = data_sec.get("frames", defaults.frames)
         crop = data_sec.get("crop", defaults.crop) if "crop" in data_sec else defaults.crop
         size = crop or data_sec.get("size", defaults.size)
+        wanted = [frames, *list(size)]
         tok = dict(data.get("tokenizer") or {})
-        tok["input_size"] = [frames, *list(size)]
+        given = tok.get("input_size")
+        if given is not None:
+            given = tuple(given) if isinstance(given, list | tuple) else given
+            if given != tuple(wanted):
+                raise _derived_error(given, tuple(wanted))
+        tok["input_size"] = wanted
         return {**data, "tokenizer": tok}
 
     def run_dir(self, name: str) -> str:

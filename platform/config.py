@@ -260,6 +260,15 @@ def _set_path(data: dict[str, Any], cls: type, keys: list[str], value: Any, full
 def apply_overrides(cfg: C, overrides: Sequence[str]) -> C:
     """Return a copy of ``cfg`` with ``["a.b=value", ...]`` applied and re-validated."""
     data = to_dict(cfg)
+    # A field the config derives from others (``DERIVED_FIELDS``) is derived anew unless an
+    # override sets it, so "data.frames=8" moves a derived input size along.
+    for path in getattr(type(cfg), "DERIVED_FIELDS", ()):
+        *parents, leaf = path.split(".")
+        section = data
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(leaf, None)
     for item in overrides:
         keys, value = _parse_override(item)
         _set_path(data, type(cfg), keys, value, item.split("=", 1)[0])

@@ -331,6 +331,29 @@ def test_every_preset_round_trips_through_yaml(name):
     assert cfg.tokenizer.input_size[0] == cfg.data.frames
 
 
+def test_derived_input_size_is_refused_when_set_to_another_value():
+    """tokenizer.input_size follows data.frames and data.crop/size: an override of the data
+    moves it along, setting it equal (as a dumped config does) is fine, another value is an
+    error that names the full path, from --set, from YAML and in Python alike."""
+    from vitok.pipelines.experiment import ExperimentConfig
+    from vitok.platform.config import from_yaml, to_yaml
+
+    cfg = preset("demo")
+    resized = apply_overrides(cfg, ["data.frames=4", "data.crop=[16,16]"])
+    assert resized.tokenizer.input_size == (4, 16, 16)
+    same = f"tokenizer.input_size={list(cfg.tokenizer.input_size)}"
+    assert apply_overrides(cfg, [same]) == cfg
+    message = "tokenizer.input_size=(4, 8, 8) is derived from data.frames and data.crop/size"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(cfg, ["tokenizer.input_size=[4,8,8]"])
+    edited = to_yaml(cfg).replace(f"frames: {cfg.data.frames}", "frames: 4", 1)
+    with pytest.raises(ValueError, match="leave it unset"):
+        from_yaml(ExperimentConfig, edited)
+    with pytest.raises(ValueError, match="tokenizer.input_size="):
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, frames=4))
+    assert ExperimentConfig().tokenizer.input_size == (16, 64, 64)  # unset: derived
+
+
 def test_paper_preset_on_a_laptop_is_refused_before_compute(ray_local, tmp_path, capsys):
     """No LPIPS/Inception/I3D files and no GPU: one refusal naming every setting to fix."""
     from vitok.pipelines.scaling_study import main
