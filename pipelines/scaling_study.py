@@ -151,7 +151,7 @@ def _run_claimed_study(
 
             release_request()
     rows, failed = collect(store, errors)
-    fits = write_report(cfg, store, rows, failed, logger)
+    fits = write_report(cfg.tokenizer, store, rows, failed, logger)
     best = register_best(cfg, store, rows)
     if logger:
         logger.log_metrics({f"r2/{k}": v for k, v in fits.items()})

@@ -27,6 +27,7 @@ from vitok.platform.study import (
     StudyStore,
 )
 from vitok.platform.tracking import RunLogger, resolve_uri
+from vitok.tokenizer.config import TokenizerConfig
 
 
 @dataclasses.dataclass
@@ -137,23 +138,24 @@ def _sweep_rows(rows: list[dict[str, Any]], vary: str, fixed: tuple[str, ...]) -
 
 
 def write_report(
-    cfg: ExperimentConfig,
+    tokenizer: TokenizerConfig,
     store: StudyStore,
     rows: list[dict[str, Any]],
     failed: list[dict[str, Any]],
     logger: RunLogger | None,
 ) -> dict[str, float]:
     """Plots, tables and the paper comparison into the study's ``report/`` and the parent
-    run (built in local scratch, then copied under the storage root)."""
+    run (built in local scratch, then copied under the storage root). ``tokenizer``: the
+    study's base tokenizer (its input size picks the paper's rows)."""
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as tmp:
         out = Path(tmp)
-        fits = _write_report_files(cfg, store.name, out, rows, failed, logger)
+        fits = _write_report_files(tokenizer, store.name, out, rows, failed, logger)
         storage.upload(out, store.path("report"))
     return fits
 
 
 def _write_report_files(
-    cfg: ExperimentConfig,
+    tokenizer: TokenizerConfig,
     study_name: str,
     out: Path,
     rows: list[dict[str, Any]],
@@ -169,7 +171,7 @@ def _write_report_files(
     lines += ["## All trials", "", markdown_table(rows, present), ""]
     if failed:
         lines += ["## Failed or stopped trials", "", markdown_table(failed, ["trial", "error"]), ""]
-    paper = _beside_paper(rows, cfg.tokenizer.input_size)
+    paper = _beside_paper(rows, tokenizer.input_size)
     lines += ["## The paper's findings", ""] + [f"- {k}: {v}" for k, v in FINDINGS.items()]
     if paper:
         lines += ["", "### Our numbers beside the paper's", ""]
