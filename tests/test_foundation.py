@@ -89,6 +89,45 @@ def test_entry_points_import_the_launcher_before_any_other_vitok_module():
         assert vitok[0] == LAUNCHER, (name, vitok[:3])
 
 
+# Stages: one per trained model, each a recipe of calls that owns its MLflow run. What two of
+# them share lives in library modules (generation_eval, checkpoint_models, mlflow_model, ...).
+STAGES = ("tokenizer_stage", "generator_stage")
+SCRIPTS = (*ENTRY_POINTS, "model_stats", "benchmark")  # files with a __main__
+
+
+def _pipeline_imports(name: str) -> set[str]:
+    """The vitok.pipelines modules a pipelines file imports anywhere (top level or inside a
+    function)."""
+    return {m for m in _imports(REPO / "pipelines" / f"{name}.py") if "pipelines." in m}
+
+
+def test_no_stage_imports_another_stage():
+    assert sorted(p.stem for p in (REPO / "pipelines").glob("*_stage.py")) == sorted(STAGES)
+    for name in STAGES:
+        others = {f"vitok.pipelines.{s}" for s in STAGES if s != name}
+        assert _pipeline_imports(name) & others == set(), name
+
+
+def test_no_entry_point_imports_another_entry_point():
+    for name in SCRIPTS:
+        others = {f"vitok.pipelines.{s}" for s in SCRIPTS if s != name}
+        assert _pipeline_imports(name) & others == set(), name
+
+
+def test_no_file_over_450_lines_and_no_function_over_80_outside_tests():
+    long_files, long_functions = [], []
+    for folder in PACKAGES_ON_DISK[:-1]:  # not tests/
+        for path in (REPO / folder).rglob("*.py"):
+            text = path.read_text()
+            if len(text.splitlines()) > 450:
+                long_files.append(str(path.relative_to(REPO)))
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    if node.end_lineno - node.lineno + 1 > 80:
+                        long_functions.append(f"{path.relative_to(REPO)}:{node.name}")
+    assert (long_files, long_functions) == ([], [])
+
+
 def test_launcher_holds_no_logic_and_imports_only_the_runtime():
     """In a Ray job the launcher itself comes from the installed copy: nothing of it may run
     later (no functions, no classes), and it loads the rest only after the mapping."""
