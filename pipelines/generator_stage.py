@@ -15,8 +15,6 @@ stage owns it from creation to its end.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,8 @@ from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.generation_eval import GenerationSections, evaluate_generation
 from vitok.platform import storage
 from vitok.platform.config import to_dict
-from vitok.platform.data import PreparedData, clip_dataset
-from vitok.platform.latents import LatentBatch, LatentSet, extract_latents
+from vitok.platform.data import PreparedData, clip_datasets
+from vitok.platform.latents import LatentBatch, LatentSet, extract_latents, keyed_dir
 from vitok.platform.tracking import RunLogger, owned_run
 from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_recorded_training
 from vitok.tokenizer.config import TokenizerConfig
@@ -152,14 +150,10 @@ def latents_for(
         "crop": list(crop) if crop else None,
         "data": prepared.config_hash,
     }
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
-    datasets = {"train": clip_dataset(prepared, "train")}
-    if prepared.num_val:
-        datasets["val"] = clip_dataset(prepared, "val")
     return extract_latents(
-        datasets,
+        clip_datasets(prepared),
         TokenizerEncoder(tokenizer_checkpoint, model, crop),
-        storage.join(out_root, key),
+        keyed_dir(out_root, key_src),
         batch_size=train.batch_size,
         num_cpus=train.cpus_per_worker,
         num_gpus=1.0 if train.use_gpu else 0.0,

@@ -20,7 +20,7 @@ from vitok.platform import storage
 from vitok.platform.artifacts import log_reconstructions
 from vitok.platform.clips import ClipBatch
 from vitok.platform.config import to_dict
-from vitok.platform.data import PreparedData, clip_dataset
+from vitok.platform.data import PreparedData, clip_datasets
 from vitok.platform.metrics import MakeReconstructionEvaluator
 from vitok.platform.tracking import RunLogger, owned_run
 from vitok.platform.train import (
@@ -68,14 +68,13 @@ def run_tokenizer(
     Train storage, so rerunning the same call resumes into the same run from any node.
     ``on_finish(run)`` runs after the stage's own results are logged and before its run ends;
     the metrics it returns are logged on the run (a study trial runs its generator there and
-    returns its time shares, so they land beside the tokenizer's curves).
+    returns its time shares, so they land beside the tokenizer's curves); an error there ends
+    the run FAILED, like any other.
     """
     name = run_name or cfg.name
     out_dir = run_dir or cfg.run_dir(name)
     params = {**tokenizer_params(cfg.tokenizer), "data_hash": prepared.config_hash}
-    datasets = {"train": clip_dataset(prepared, "train")}
-    if prepared.num_val:
-        datasets["val"] = clip_dataset(prepared, "val")
+    datasets = clip_datasets(prepared)
     tags = {"vitok.kind": "tokenizer", "vitok.variant": cfg.tokenizer.variant}
     resume_file = storage.join(out_dir, "mlflow_run_id")
     with owned_run(

@@ -60,6 +60,14 @@ def clip_dataset(
     return ds
 
 
+def clip_datasets(prepared: PreparedData) -> dict[str, Any]:
+    """The "train" split and, when there is one, the "val" split, as ``clip_dataset``s."""
+    datasets = {"train": clip_dataset(prepared, "train")}
+    if prepared.num_val:
+        datasets["val"] = clip_dataset(prepared, "val")
+    return datasets
+
+
 def first_clips(prepared: PreparedData, split: str, count: int) -> np.ndarray:
     """The first ``count`` clips of a split as ``(N, T, H, W, 3)`` uint8, read straight from
     its shard files: a handful of clips for a figure is no job for a Ray Data execution

@@ -14,6 +14,7 @@ callable ``factory(device) -> encode`` where ``encode(clips)`` maps a uint8 batc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import time
@@ -198,6 +199,13 @@ def load_latent_set(root: str) -> LatentSet | None:
     )
 
 
+def keyed_dir(out_root: str, info: Mapping[str, Any]) -> str:
+    """``out_root/<key>``: a folder keyed by a hash of ``info`` (encoder checkpoint, config,
+    data hash ...), so other inputs never reuse stale latents."""
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    return storage.join(out_root, key)
+
+
 def extract_latents(
     datasets: Mapping[str, Any],
     encoder_factory: EncoderFactory,
@@ -351,6 +359,7 @@ __all__ = [
     "LatentSet",
     "LatentStats",
     "extract_latents",
+    "keyed_dir",
     "load_latent_set",
     "pool_tokens",
 ]
