@@ -52,7 +52,6 @@ def run_trial(
     import ray.data
     from ray import tune
 
-    from vitok.pipelines.generator_stage import run_generator
     from vitok.pipelines.model_stats import tokenizer_params
     from vitok.pipelines.tokenizer_stage import TokenizerRun, run_tokenizer
     from vitok.platform.data import prepare
@@ -73,33 +72,19 @@ def run_trial(
     objectives = [objective_key(m) for m, _ in map(parse_objective, cfg.search.objectives)]
     to_tune = report_to_tune_callback(objectives, scalars(tokenizer_params(cfg.tokenizer)))
     result: dict[str, Any] = {"trial": name}
+    failed: list[Exception] = []  # the generator's: raised once the tokenizer's run has ended
 
     def finish(tok: TokenizerRun) -> dict[str, float]:
-        """The rest of the trial, inside the tokenizer's run: its time/* land beside its curves."""
-        result.update({"tokenizer_run_id": tok.run_id or ""})
-        result.update(scalars(tok.params))
-        result.update(tok.metrics)
-        result["tokenizer_checkpoint"] = tok.checkpoint_dir
-        work_s = tok.work_s
+        """The rest of the trial, inside the tokenizer's run: its time/* land beside its curves.
+        A generator failure fails the trial and the generator's run, not the tokenizer's."""
+        gen = None
         if cfg.generator_train is not None:
-            gen = run_generator(
-                cfg,
-                prepared,
-                tok.checkpoint_dir,
-                run_dir=storage.join(store.trial_dir(name), "generator"),
-                parent_run_id=parent_run_id,
-                run_name=f"{name}-gen",
-                tokenizer_run_id=tok.run_id,
-            )
-            result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
-            result["generator_run_id"] = gen.run_id or ""
-            result["generator_checkpoint"] = gen.checkpoint_dir
-            work_s += gen.work_s
-        result.update(time_shares(time.perf_counter() - started, work_s))
-        first_step_at = tok.stage1.metrics.get("time/first_step_at", 0.0)
-        if first_step_at:  # the trial's start-up: imports, data, MLflow, Ray Train, DeepSpeed
-            result["time/to_first_step_s"] = max(0.0, first_step_at - started_at)
-        return {k: v for k, v in result.items() if k.startswith("time/")}
+            try:
+                gen = _generator(cfg, prepared, store, name, parent_run_id, tok)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the run ends
+                failed.append(err)
+                return {}
+        return _record(result, tok, gen, started, started_at)
 
     run_tokenizer(
         cfg,
@@ -111,10 +96,50 @@ def run_trial(
         callbacks=[to_tune],
         on_finish=finish,
     )
+    if failed:
+        raise failed[0]
     result["node_id"] = node
     store.commit(name, {**result, "params": dict(config), "overrides": list(overrides)})
     store.log_event(name, "finished", node_id=node)
     tune.report(scalars(result))
+
+
+def _generator(
+    cfg: ExperimentConfig, prepared: Any, store: StudyStore, name: str, parent: str | None, tok: Any
+) -> Any:
+    """The trial's generator on its tokenizer's latents, in a run of its own."""
+    from vitok.pipelines.generator_stage import run_generator
+
+    return run_generator(
+        cfg,
+        prepared,
+        tok.checkpoint_dir,
+        run_dir=storage.join(store.trial_dir(name), "generator"),
+        parent_run_id=parent,
+        run_name=f"{name}-gen",
+        tokenizer_run_id=tok.run_id,
+    )
+
+
+def _record(
+    result: dict[str, Any], tok: Any, gen: Any, started: float, started_at: float
+) -> dict[str, float]:
+    """The trial's row from its runs (``result``, updated) and its time/* metrics."""
+    result.update({"tokenizer_run_id": tok.run_id or ""})
+    result.update(scalars(tok.params))
+    result.update(tok.metrics)
+    result["tokenizer_checkpoint"] = tok.checkpoint_dir
+    work_s = tok.work_s
+    if gen is not None:
+        result.update({f"gen/{k.split('/', 1)[-1]}": v for k, v in gen.metrics.items()})
+        result["generator_run_id"] = gen.run_id or ""
+        result["generator_checkpoint"] = gen.checkpoint_dir
+        work_s += gen.work_s
+    result.update(time_shares(time.perf_counter() - started, work_s))
+    first_step_at = tok.stage1.metrics.get("time/first_step_at", 0.0)
+    if first_step_at:  # the trial's start-up: imports, data, MLflow, Ray Train, DeepSpeed
+        result["time/to_first_step_s"] = max(0.0, first_step_at - started_at)
+    return {k: v for k, v in result.items() if k.startswith("time/")}
 
 
 def time_shares(wall_s: float, work_s: float) -> dict[str, float]:
