@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vitok.platform import storage
 from vitok.platform.shard_checks import read_parquet_columns
 
 if TYPE_CHECKING:
@@ -72,12 +73,21 @@ def first_clips(prepared: PreparedData, split: str, count: int) -> np.ndarray:
     """The first ``count`` clips of a split as ``(N, T, H, W, 3)`` uint8, read straight from
     its shard files: a handful of clips for a figure is no job for a Ray Data execution
     (whose read tasks start worker processes: seconds on a busy small machine)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out: list[np.ndarray] = []
+    left = count
     for uri in prepared.files(split):
-        out.append(_clip_array(read_parquet_columns(uri, ["clip"])))
-        if sum(len(a) for a in out) >= count:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:  # only the rows needed, not the whole shard
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=left, columns=["clip"]), None)
+        if batch is not None:
+            out.append(_clip_array(pa.Table.from_batches([batch])))
+            left -= len(out[-1])
+        if left <= 0:
             break
-    return np.concatenate(out)[:count]
+    return np.concatenate(out)
 
 
 def _clip_array(table: Any) -> np.ndarray:
