@@ -33,6 +33,7 @@ from vitok.platform.train import (
 from vitok.tokenizer.losses import build_lpips
 from vitok.tokenizer.task import TokenizerTask, reconstruct
 
+RECONSTRUCTION_EXAMPLES = 4  # val clips drawn over their reconstructions by the final evaluation
 SWEEP_AXES = ("E", "log2_E", "L", "c", "p", "q", "encoder_params_M", "decoder_params_M", "gflops")
 
 
@@ -120,7 +121,9 @@ def _job(
     make_eval = None
     if evaluate:
         make_lpips = functools.partial(build_lpips, cfg.loss)
-        make_eval = MakeReconstructionEvaluator(cfg.metrics, reconstruct, make_lpips)
+        make_eval = MakeReconstructionEvaluator(
+            cfg.metrics, reconstruct, make_lpips, examples=RECONSTRUCTION_EXAMPLES, fps=cfg.data.fps
+        )
     return TrainJob(
         name=f"{name}-stage{stage}",
         task=TokenizerTask(cfg.tokenizer, cfg.loss, stage, init),
@@ -160,11 +163,14 @@ def _log_result(
     run: TokenizerRun,
     log_model: bool,
 ) -> None:
-    """The final metrics, reconstructions and (optionally) the model."""
+    """The final metrics and (optionally) the model."""
     logger.log_metrics({f"final/{k[4:]}": v for k, v in run.metrics.items()})
-    tokenizer = tokenizer_from_checkpoint(run.checkpoint_dir, cfg.tokenizer)
-    reconstructed = functools.partial(reconstruct, tokenizer)
-    log_reconstructions(logger, reconstructed, prepared, cfg.data.crop, cfg.data.fps)
+    # The final evaluation drew the val clips over their reconstructions, in the worker;
+    # without a val split none ran, so train clips are drawn here.
+    if not prepared.num_val:
+        tokenizer = tokenizer_from_checkpoint(run.checkpoint_dir, cfg.tokenizer)
+        reconstructed = functools.partial(reconstruct, tokenizer)
+        log_reconstructions(logger, reconstructed, prepared, cfg.data.crop, cfg.data.fps)
     if log_model:
         # Imported only here: it imports the model's code file, which names the model to
         # MLflow (set_model) as it loads; a run that logs no model needs none of that.

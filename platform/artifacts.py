@@ -76,21 +76,35 @@ def log_reconstructions(
     fps: float,
     count: int = 4,
 ) -> None:
-    """A grid PNG of validation clips over their reconstructions (+ a side-by-side mp4).
-    ``reconstruct``: model input (B, T, h, w, 3) in [-1, 1] -> reconstruction, same shape."""
+    """``log_reconstruction_pairs`` of the first ``count`` clips of the val split (else of
+    the train split). ``reconstruct``: model input (B, T, h, w, 3) in [-1, 1] ->
+    reconstruction, same shape. (A training job's evaluator logs its own pairs from the
+    clips it evaluates; this is for a model without one.)"""
     clips = first_clips(prepared, "val" if prepared.num_val else "train", count)
     x = to_model_input(torch.from_numpy(clips), crop=crop, flip=False)
     with torch.no_grad():
         recon = reconstruct(x)
-    clips, recons = to_uint8(x).cpu().numpy(), to_uint8(recon).cpu().numpy()
+    log_reconstruction_pairs(logger, x, recon, fps)
+
+
+def log_reconstruction_pairs(
+    logger: RunLogger,
+    clips: torch.Tensor,
+    recons: torch.Tensor,
+    fps: float,
+    folder: str = "reconstructions",
+) -> None:
+    """``folder/grid.png``: clips (odd rows) over their reconstructions (even rows), and for
+    video ``folder/side_by_side.mp4``. clips, recons: (N, T, H, W, 3) in [-1, 1]."""
+    clips, recons = to_uint8(clips).cpu().numpy(), to_uint8(recons).cpu().numpy()
     grid = reconstruction_grid(clips, recons)
     figsize = (min(16, grid.shape[1] / 40), min(16, grid.shape[0] / 40))
     title = "validation clips (odd rows) over reconstructions (even rows)"
-    _log_grid(logger, grid, "reconstructions/grid.png", title, figsize)
+    _log_grid(logger, grid, f"{folder}/grid.png", title, figsize)
     if clips.shape[1] > 1:
         side = np.concatenate([clips, recons], axis=3)  # (N, T, H, 2W, 3)
         frames = np.concatenate(list(side), axis=1)  # (T, N*H, 2W, 3)
-        _log_video(logger, frames, "reconstructions", "side_by_side.mp4", fps)
+        _log_video(logger, frames, folder, "side_by_side.mp4", fps)
 
 
 def log_samples(

@@ -30,6 +30,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -317,27 +318,47 @@ class ReconstructionMetrics:
 class ReconstructionEvaluator:
     """A training job's evaluator: ``ReconstructionMetrics`` over a whole split of
     ``{"x": clips}`` batches. ``reconstruct(model, x) -> recon`` is the model's evaluation
-    pass and ``make_lpips() -> network | None`` builds LPIPS (both from the model package)."""
+    pass and ``make_lpips() -> network | None`` builds LPIPS (both from the model package).
+    It keeps the first ``examples`` clips it sees and their reconstructions, which
+    ``log_artifacts`` draws (a grid and, for video, an mp4 at ``fps``): the figure comes
+    from the evaluation pass itself, with no second load of the model."""
 
     def __init__(
         self,
         metrics: MetricsConfig,
         reconstruct: Callable[[torch.nn.Module, Tensor], Tensor],
         make_lpips: Callable[[], torch.nn.Module | None] | None = None,
+        examples: int = 0,
+        fps: float = 8.0,
     ) -> None:
         lpips = make_lpips() if make_lpips is not None else None
         if lpips is not None:
             lpips.requires_grad_(False).eval()
         self.reconstruct = reconstruct
         self.metrics = ReconstructionMetrics(metrics, lpips_fn=lpips)
+        self.examples, self.fps = examples, fps
+        self.kept: list[tuple[Tensor, Tensor]] = []  # (clips, reconstructions), on the CPU
 
     def update(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> None:
         x = batch["x"]  # (B, T, H, W, 3) in [-1, 1]
-        recon = self.reconstruct(model, x)
-        self.metrics.update(x.float(), recon.float().clamp(-1, 1))
+        recon = self.reconstruct(model, x).float().clamp(-1, 1)
+        self.metrics.update(x.float(), recon)
+        need = self.examples - sum(len(clips) for clips, _ in self.kept)
+        if need > 0:
+            self.kept.append((x[:need].float().cpu(), recon[:need].cpu()))
 
     def compute(self) -> dict[str, float]:
         return self.metrics.compute()
+
+    def log_artifacts(self, logger: Any, prefix: str = "") -> None:
+        """The kept clips over their reconstructions, as ``<prefix>reconstructions/``."""
+        if not self.kept:
+            return
+        from vitok.platform.artifacts import log_reconstruction_pairs
+
+        clips = torch.cat([c for c, _ in self.kept])
+        recons = torch.cat([r for _, r in self.kept])
+        log_reconstruction_pairs(logger, clips, recons, self.fps, f"{prefix}reconstructions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +368,10 @@ class MakeReconstructionEvaluator:
     metrics: MetricsConfig
     reconstruct: Callable[[torch.nn.Module, Tensor], Tensor]
     make_lpips: Callable[[], torch.nn.Module | None] | None = None
+    examples: int = 0
+    fps: float = 8.0
 
     def __call__(self) -> ReconstructionEvaluator:
-        return ReconstructionEvaluator(self.metrics, self.reconstruct, self.make_lpips)
+        return ReconstructionEvaluator(
+            self.metrics, self.reconstruct, self.make_lpips, self.examples, self.fps
+        )

@@ -172,7 +172,9 @@ class Task(Protocol):
 
 
 class Evaluator(Protocol):
-    """Accumulates over a worker's part of a split; ``compute`` reduces across workers."""
+    """Accumulates over a worker's part of a split; ``compute`` reduces across workers.
+    One may also define ``log_artifacts(logger, prefix)``: rank 0 calls it after the final
+    evaluation to log what it drew from the clips it evaluated (a ``RunLogger``)."""
 
     def update(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> None: ...
 

@@ -149,9 +149,13 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> dict[str, float]:
+def evaluate(
+    job: TrainJob, worker: Worker, rank: int, step: int, artifacts: Any = None
+) -> dict[str, float]:
     """``val/<metric>`` of the job's evaluator over the whole validation split (each worker
-    reads its part; ``Evaluator.compute`` reduces across workers)."""
+    reads its part; ``Evaluator.compute`` reduces across workers). With ``artifacts`` (a
+    ``RunLogger``: rank 0's, at the final evaluation), an evaluator that draws what it
+    evaluated (``log_artifacts``) logs it there, under the job's metric prefix."""
     import ray.train
 
     if job.make_evaluator is None:
@@ -177,7 +181,10 @@ def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> dict[str, f
             model_batch = job.batch_fn(_select(batch, job.columns), False, gen)
             evaluator.update(eval_model, _to_device(model_batch, worker.device, eval_dtype))
     eval_model.train(was_training)
-    return {f"val/{k}": v for k, v in evaluator.compute().items()}
+    metrics = {f"val/{k}": v for k, v in evaluator.compute().items()}
+    if artifacts is not None and hasattr(evaluator, "log_artifacts"):
+        evaluator.log_artifacts(artifacts, job.metric_prefix)
+    return metrics
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -218,7 +225,7 @@ class Loop:
             module.train()
         while state["step"] < cfg.steps:
             self.epoch()
-        final = self.evaluate()
+        final = self.evaluate(final=True)
         times = {"time/train_s": state["train_s"], "time/eval_s": state["eval_s"]}
         times["time/first_step_at"] = self.first_step_at
         self.metrics = {**self.metrics, **final, **times}
@@ -302,10 +309,12 @@ class Loop:
             self.save()
         return is_last
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """The evaluation (its time is work); the final one also draws what it evaluated."""
         started = time.perf_counter()
+        artifacts = self.logger.inner if final and self.logger else None
         try:
-            return evaluate(self.job, self.worker, self.rank, self.state["step"])
+            return evaluate(self.job, self.worker, self.rank, self.state["step"], artifacts)
         finally:
             self.state["eval_s"] += time.perf_counter() - started
 
