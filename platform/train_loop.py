@@ -149,17 +149,14 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(
-    job: TrainJob, worker: Worker, rank: int, step: int, artifacts: Any = None
-) -> dict[str, float]:
+def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> tuple[dict[str, float], Any]:
     """``val/<metric>`` of the job's evaluator over the whole validation split (each worker
-    reads its part; ``Evaluator.compute`` reduces across workers). With ``artifacts`` (a
-    ``RunLogger``: rank 0's, at the final evaluation), an evaluator that draws what it
-    evaluated (``log_artifacts``) logs it there, under the job's metric prefix."""
+    reads its part; ``Evaluator.compute`` reduces across workers), and the evaluator (None
+    without one), which may draw what it evaluated (``log_artifacts``)."""
     import ray.train
 
     if job.make_evaluator is None:
-        return {}
+        return {}, None
     cfg = job.train
     evaluator = job.make_evaluator()
     eval_dtype, root = worker.dtype, worker.model
@@ -181,10 +178,7 @@ def evaluate(
             model_batch = job.batch_fn(_select(batch, job.columns), False, gen)
             evaluator.update(eval_model, _to_device(model_batch, worker.device, eval_dtype))
     eval_model.train(was_training)
-    metrics = {f"val/{k}": v for k, v in evaluator.compute().items()}
-    if artifacts is not None and hasattr(evaluator, "log_artifacts"):
-        evaluator.log_artifacts(artifacts, job.metric_prefix)
-    return metrics
+    return {f"val/{k}": v for k, v in evaluator.compute().items()}, evaluator
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -314,13 +308,16 @@ class Loop:
         return is_last
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
-        """The evaluation (its time is work); the final one also draws what it evaluated."""
+        """The evaluation (its time is work); after the final one, rank 0 logs what the
+        evaluator drew of the clips it evaluated (tracking: the platform's time, not work)."""
         started = time.perf_counter()
-        artifacts = self.logger.inner if final and self.logger else None
         try:
-            return evaluate(self.job, self.worker, self.rank, self.state["step"], artifacts)
+            metrics, evaluator = evaluate(self.job, self.worker, self.rank, self.state["step"])
         finally:
             self.state["eval_s"] += time.perf_counter() - started
+        if final and self.logger and hasattr(evaluator, "log_artifacts"):
+            evaluator.log_artifacts(self.logger.inner, self.job.metric_prefix)
+        return metrics
 
     def log_window(self, step: int) -> None:
         cfg, worker = self.cfg, self.worker
