@@ -62,11 +62,27 @@ def clip_dataset(
 
 
 def clip_datasets(prepared: PreparedData) -> dict[str, Any]:
-    """The "train" split and, when there is one, the "val" split, as ``clip_dataset``s."""
-    datasets = {"train": clip_dataset(prepared, "train")}
-    if prepared.num_val:
-        datasets["val"] = clip_dataset(prepared, "val")
-    return datasets
+    """The "train" split and, when there is one, the "val" split, as ``clip_dataset``s.
+
+    Kept per process, Ray job and shard list: creating a Parquet dataset samples its files
+    in a Ray task (seconds when it has to start a worker process on a busy machine), and a
+    study's trial process (reused by Tune) asks for the same splits trial after trial. A
+    Dataset is a lazy plan, so each Ray Train run still executes its own read.
+    """
+    import ray
+
+    files = tuple(prepared.files("train")) + tuple(prepared.files("val"))
+    key = (ray.get_runtime_context().get_job_id(), files)
+    if key not in _DATASETS:
+        datasets = {"train": clip_dataset(prepared, "train")}
+        if prepared.num_val:
+            datasets["val"] = clip_dataset(prepared, "val")
+        _DATASETS.clear()  # one entry: a process works on one data config at a time
+        _DATASETS[key] = datasets
+    return dict(_DATASETS[key])
+
+
+_DATASETS: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def first_clips(prepared: PreparedData, split: str, count: int) -> np.ndarray:

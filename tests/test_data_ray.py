@@ -79,6 +79,18 @@ def test_first_clips_read_straight_from_shards_equal_ray_datas(mixed) -> None:
         np.testing.assert_array_equal(first_clips(p, split, 3), every[:3])
 
 
+def test_clip_datasets_are_kept_per_process_and_read_anew_each_time(mixed, tmp_path) -> None:
+    from vitok.platform.clips import clip_datasets
+
+    cfg, p = mixed
+    first, again = clip_datasets(p), clip_datasets(p)
+    assert set(first) == {"train", "val"}
+    assert all(first[k] is again[k] for k in first)  # no second sampling of the shards
+    assert first["val"].count() == again["val"].count() == p.num_val  # each read executes
+    other = prepare(dataclasses.replace(cfg, val_fraction=0.5), str(tmp_path), progress=False)
+    assert clip_datasets(other)["train"].count() == other.num_train != p.num_train
+
+
 def test_split_has_no_leakage(mixed) -> None:
     _, p = mixed
     train = {r["path"] for r in clip_dataset(p, "train", columns=("path",)).take_all()}
