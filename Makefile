@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: a range alone would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# DeepSpeed compiles its CPU comm op on first use (about 45 s on 2 cores) into
+	# TORCH_EXTENSIONS_DIR: build it here, not inside the first training run of a demo.
+	mkdir -p .cache
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+		> .cache/deepspeed_op_build.log 2>&1 \
+		|| echo "note: not prebuilt (.cache/deepspeed_op_build.log); the first run builds it"
 	touch $(STAMP)
 
 demo: $(STAMP)
