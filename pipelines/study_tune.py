@@ -12,7 +12,6 @@ from vitok.pipelines.study_trial import objective_key, scalars, trial_overrides
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides, to_yaml
 from vitok.platform.study import FINISHED, StudyStore, seeded_optuna_storage, study_progress
-from vitok.tokenizer.flops import forward_flops
 
 
 def tune_run(
@@ -43,7 +42,7 @@ def tune_run(
         verbose=0,  # the study's own status table and trial lines instead
     )
     if search.mode == "grid":
-        pending = costliest_first(cfg, [t for t in unique_trials(cfg) if trial_name(t) not in done])
+        pending = [list(t) for t in unique_trials(cfg) if trial_name(t) not in done]
         if not pending:
             return None, None
         print(f"[vitok] {len(done)} trials already committed, {len(pending)} to run")
@@ -106,19 +105,6 @@ def unique_trials(cfg: ExperimentConfig) -> list[tuple[str, ...]]:
             seen.add(key)
             out.append(overrides)
     return out
-
-
-def costliest_first(cfg: ExperimentConfig, trials: list[tuple[str, ...]]) -> list[list[str]]:
-    """Grid trials, the most expensive first (forward GFLOPs x training steps; ties keep the
-    grid's order): with a few trials at a time, the long ones start at once, and the last
-    trials to run, while others' slots stand idle, are short ones."""
-
-    def cost(overrides: tuple[str, ...]) -> float:
-        trial = apply_overrides(cfg, list(overrides))
-        steps = trial.train.steps + (trial.stage2.steps if trial.stage2 else 0)
-        return forward_flops(trial.tokenizer)["gflops"] * steps
-
-    return [list(t) for t in sorted(trials, key=cost, reverse=True)]
 
 
 def errors_of(grid: Any) -> list[dict[str, Any]]:

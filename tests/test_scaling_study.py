@@ -58,21 +58,6 @@ def test_demo_preset_trials_resolve_to_valid_distinct_configs():
     assert {r.tokenizer.decoder_size for r in resolved} >= {"N", "M", "T"}
 
 
-def test_grid_runs_its_costliest_trials_first():
-    from vitok.pipelines.study_tune import costliest_first, unique_trials
-    from vitok.tokenizer.flops import forward_flops
-
-    cfg = preset("demo")
-    ordered = costliest_first(cfg, unique_trials(cfg))
-    assert sorted(map(tuple, ordered)) == sorted(unique_trials(cfg))  # the same trials
-    costs = [forward_flops(apply_overrides(cfg, t).tokenizer)["gflops"] for t in ordered]
-    assert costs == sorted(costs, reverse=True)
-    assert costs[0] > costs[-1]  # the demo's trials differ in cost: the order is not trivial
-    # More steps make a trial costlier, at equal FLOPs.
-    longer = ("tokenizer.channels=1", "train.steps=5000")
-    assert costliest_first(cfg, [("tokenizer.channels=2",), longer])[0] == list(longer)
-
-
 def test_fit_line_recovers_slope_and_r2():
     x = np.arange(10.0)
     fit = fit_line(x, 2 * x + 1)
