@@ -9,7 +9,6 @@ worker's slice of each global batch.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -54,51 +53,26 @@ def train_batches(
 
 class EpochCache:
     """The training split in memory, in stored order, when it fits ``limit_mb`` (decided by
-    reading it once; the same split decides the same way on every restart). ``prefetch``
-    starts that read in a thread, so it overlaps the model's and the engines' set-up."""
+    reading it once; the same split decides the same way on every restart)."""
 
     def __init__(self, limit_mb: int) -> None:
         self.limit = limit_mb * 2**20
         self._rows: dict[str, torch.Tensor] | None = None
         self._too_big = limit_mb <= 0
-        self._reader: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def prefetch(self, shard: Any) -> None:
-        if self._too_big or self._rows is not None or self._reader is not None:
-            return
-
-        def read() -> None:
-            try:
-                self._read(shard)
-            except BaseException as err:  # noqa: BLE001 - raised in the caller by rows()
-                self._error = err
-
-        self._reader = threading.Thread(target=read, name="vitok-epoch-cache", daemon=True)
-        self._reader.start()
 
     def rows(self, shard: Any) -> dict[str, torch.Tensor] | None:
-        if self._reader is not None:
-            self._reader.join()
-            self._reader = None
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
         if self._rows is None and not self._too_big:
-            self._read(shard)
+            parts: dict[str, list[torch.Tensor]] = {}
+            size = 0
+            for batch in shard.iter_torch_batches(batch_size=256, drop_last=False):
+                size += sum(v.numel() * v.element_size() for v in batch.values())
+                if size > self.limit:
+                    self._too_big = True
+                    return None
+                for k, v in batch.items():
+                    parts.setdefault(k, []).append(v)
+            self._rows = {k: torch.cat(v) for k, v in parts.items()}
         return self._rows
-
-    def _read(self, shard: Any) -> None:
-        parts: dict[str, list[torch.Tensor]] = {}
-        size = 0
-        for batch in shard.iter_torch_batches(batch_size=256, drop_last=False):
-            size += sum(v.numel() * v.element_size() for v in batch.values())
-            if size > self.limit:
-                self._too_big = True
-                return
-            for k, v in batch.items():
-                parts.setdefault(k, []).append(v)
-        self._rows = {k: torch.cat(v) for k, v in parts.items()}
 
 
 def data_config(datasets: Mapping[str, Any]) -> Any:

@@ -186,12 +186,7 @@ class Loop:
     """Steps one worker through ``train.steps`` optimizer steps, from a checkpoint if any."""
 
     def __init__(self, job: TrainJob, rank: int, world: int, run_dir: str | None) -> None:
-        import ray.train
-
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
-        # Read the training split (when it is cached) while the model and engines are built.
-        self.cache = EpochCache(self.cfg.cache_mb)
-        self.cache.prefetch(ray.train.get_dataset_shard("train"))
         self.worker = Worker(job)
         self.checkpointer = Checkpointer(job, self.worker, rank, run_dir)
         # train_s / eval_s: seconds in training steps and in evaluation, summed over restarts
@@ -209,6 +204,7 @@ class Loop:
                 self.logger.inner.set_tags({tag: self.state["step"]})
         self.metrics: dict[str, float] = {}
         self.micro = 0
+        self.cache = EpochCache(self.cfg.cache_mb)
         self.clock = (time.perf_counter(), self.state["step"])
         self.first_step_at = 0.0  # wall clock (epoch s) when this attempt began its first step
 

@@ -4,7 +4,6 @@ stream."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vitok.platform.train import TrainConfig
@@ -64,21 +63,3 @@ def test_a_split_larger_than_the_cache_streams_with_the_seeded_shuffle():
     tiny.limit = 100  # bytes: 16 rows of 4 float32 are 256
     big = Shard(16)
     assert tiny.rows(big) is None and tiny.rows(big) is None and big.passes == 1
-
-
-def test_a_prefetched_cache_gives_the_same_batches_and_raises_the_readers_error():
-    cfg = TrainConfig(batch_size=3, seed=7, cache_mb=1)
-    prefetched, shard = EpochCache(cfg.cache_mb), Shard(20)
-    prefetched.prefetch(shard)
-    assert _rows(cfg, 0, 1, 0, prefetched, shard) == _rows(cfg, 0, 1, 0, EpochCache(1), Shard(20))
-    assert shard.passes == 1  # the prefetch was the read
-
-    class Broken(Shard):
-        def iter_torch_batches(self, batch_size, drop_last, **shuffle):
-            raise OSError("shard unreadable")
-            yield  # a generator, as Ray Data's
-
-    failing = EpochCache(cfg.cache_mb)
-    failing.prefetch(Broken(4))
-    with pytest.raises(OSError, match="shard unreadable"):
-        failing.rows(Broken(4))
