@@ -72,7 +72,8 @@ def clip_datasets(prepared: PreparedData) -> dict[str, Any]:
     import ray
 
     files = tuple(prepared.files("train")) + tuple(prepared.files("val"))
-    key = (ray.get_runtime_context().get_job_id(), files)
+    job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    key = (job, files)
     if key not in _DATASETS:
         datasets = {"train": clip_dataset(prepared, "train")}
         if prepared.num_val:
