@@ -70,7 +70,14 @@ def run_trial(
     cfg = dataclasses.replace(apply_overrides(base, list(overrides)), name=name)
     prepared = prepare(cfg.data, cfg.storage.uri, progress=False)  # committed: reused at once
     objectives = [objective_key(m) for m, _ in map(parse_objective, cfg.search.objectives)]
-    to_tune = report_to_tune_callback(objectives, scalars(tokenizer_params(cfg.tokenizer)))
+    # Evaluations during training reach Tune (ASHA and the status table read them). Without
+    # any (eval_every=0), the trial's one report below is all Tune needs, and the forwarding
+    # is not set up: Tune serves it with a queue actor per trial, a process polled every
+    # fraction of a second for the whole run.
+    to_tune = []
+    if cfg.train.eval_every > 0:
+        constants = scalars(tokenizer_params(cfg.tokenizer))
+        to_tune.append(report_to_tune_callback(objectives, constants))
     result: dict[str, Any] = {"trial": name}
     failed: list[Exception] = []  # the generator's: raised once the tokenizer's run has ended
 
@@ -93,7 +100,7 @@ def run_trial(
         parent_run_id=parent_run_id,
         run_name=name,
         log_model=False,
-        callbacks=[to_tune],
+        callbacks=to_tune,
         on_finish=finish,
     )
     if failed:
