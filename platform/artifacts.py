@@ -80,11 +80,12 @@ def log_reconstructions(
     the train split). ``reconstruct``: model input (B, T, h, w, 3) in [-1, 1] ->
     reconstruction, same shape. (A training job's evaluator logs its own pairs from the
     clips it evaluates; this is for a model without one.)"""
-    clips = first_clips(prepared, "val" if prepared.num_val else "train", count)
+    split = "val" if prepared.num_val else "train"
+    clips = first_clips(prepared, split, count)
     x = to_model_input(torch.from_numpy(clips), crop=crop, flip=False)
     with torch.no_grad():
         recon = reconstruct(x)
-    log_reconstruction_pairs(logger, x, recon, fps)
+    log_reconstruction_pairs(logger, x, recon, fps, split=split)
 
 
 def log_reconstruction_pairs(
@@ -93,13 +94,16 @@ def log_reconstruction_pairs(
     recons: torch.Tensor,
     fps: float,
     folder: str = "reconstructions",
+    split: str = "val",
 ) -> None:
     """``folder/grid.png``: clips (odd rows) over their reconstructions (even rows), and for
-    video ``folder/side_by_side.mp4``. clips, recons: (N, T, H, W, 3) in [-1, 1]."""
+    video ``folder/side_by_side.mp4``. clips, recons: (N, T, H, W, 3) in [-1, 1], from the
+    ``split`` split (named in the grid's title)."""
     clips, recons = to_uint8(clips).cpu().numpy(), to_uint8(recons).cpu().numpy()
     grid = reconstruction_grid(clips, recons)
     figsize = (min(16, grid.shape[1] / 40), min(16, grid.shape[0] / 40))
-    title = "validation clips (odd rows) over reconstructions (even rows)"
+    source = {"val": "validation", "train": "training"}.get(split, split)
+    title = f"{source} clips (odd rows) over reconstructions (even rows)"
     _log_grid(logger, grid, f"{folder}/grid.png", title, figsize)
     if clips.shape[1] > 1:
         side = np.concatenate([clips, recons], axis=3)  # (N, T, H, 2W, 3)

@@ -197,3 +197,15 @@ def check_fp32_weights(cfg: ExperimentConfig, prepared, run) -> None:
         assert len(fp32_group) == len(names)
         for name, master in zip(names, fp32_group):
             assert saved2[name].dtype == torch.float32 and torch.equal(saved2[name], master), name
+
+
+def test_reconstruction_grid_names_the_split_its_clips_come_from(monkeypatch) -> None:
+    """A run without a val split draws training clips: the grid's title says so."""
+    from vitok.platform import artifacts
+
+    titles: list[str] = []
+    monkeypatch.setattr(artifacts, "_log_grid", lambda *args, **kw: titles.append(args[3]))
+    clips = torch.zeros(2, 1, 8, 8, 3)  # one frame: no video is written
+    artifacts.log_reconstruction_pairs(None, clips, clips, 8.0, split="train")
+    artifacts.log_reconstruction_pairs(None, clips, clips, 8.0)
+    assert titles[0].startswith("training clips") and titles[1].startswith("validation clips")
