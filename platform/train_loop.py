@@ -262,8 +262,9 @@ class Loop:
         job, cfg, worker, step = self.job, self.cfg, self.worker, self.state["step"]
         started = time.perf_counter()
         self.first_step_at = self.first_step_at or time.time()
-        torch.manual_seed(_step_seed(cfg.seed, self.rank, step * cfg.grad_accum + self.micro))
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.rank, step))
+        micro_step = step * cfg.grad_accum + self.micro  # each micro batch its own draws
+        torch.manual_seed(_step_seed(cfg.seed, self.rank, micro_step))
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.rank, micro_step))
         model_batch = job.batch_fn(_select(batch, job.columns), True, gen)
         model_batch = _to_device(model_batch, worker.device, worker.dtype)
         loss, logs = job.task.training_step(worker.model, model_batch, step)
