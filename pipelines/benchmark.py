@@ -259,10 +259,10 @@ def _bench_train_config(args: argparse.Namespace, workers: int):
 def _platform_rate(args, variant: str, size: tuple[int, int, int], workers: int, work: Path):
     """steps/s of the last logging window (steady state, warm-up excluded) and the metrics."""
     import numpy as np
-    import ray
 
     from vitok.platform.clips import ClipBatch
     from vitok.platform.train import TrainJob, run_training
+    from vitok.platform.train_data import split_from_arrays
 
     model, task = _bench_model(args, variant, size)
     rows = args.batch_size * workers * (args.steps + 2)
@@ -274,8 +274,8 @@ def _platform_rate(args, variant: str, size: tuple[int, int, int], workers: int,
         batch_fn=ClipBatch(None),
         tokens_per_sample=model.num_tokens,
     )
-    ds = ray.data.from_items([{"clip": c, "label": 0} for c in clips])
-    result = run_training(job, {"train": ds}, storage_path=work)
+    train = split_from_arrays({"clip": clips, "label": np.zeros(rows, np.int64)})
+    result = run_training(job, {"train": train}, storage_path=work)
     return result.metrics.get("perf/steps_per_s", float("nan")), result.metrics
 
 

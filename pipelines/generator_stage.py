@@ -91,7 +91,7 @@ def run_generator(
         params = generator_params(cfg, prepared, latent_set, tokenizer_checkpoint)
         if logger:
             _log_setup(logger, cfg, params, latent_set)
-        datasets = {split: latent_set.dataset(split) for split in latent_set.splits}
+        datasets = {split: latent_set.split(split) for split in latent_set.splits}
         job = TrainJob(
             name=name,
             task=GeneratorTask(cfg.generator, latent_set.latent_shape[-1]),

@@ -18,9 +18,9 @@ from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.model_stats import tokenizer_params
 from vitok.platform import storage
 from vitok.platform.artifacts import log_reconstructions
-from vitok.platform.clips import ClipBatch
+from vitok.platform.clips import ClipBatch, clip_splits
 from vitok.platform.config import to_dict
-from vitok.platform.data import PreparedData, clip_datasets
+from vitok.platform.data import PreparedData
 from vitok.platform.metrics import MakeReconstructionEvaluator
 from vitok.platform.tracking import RunLogger, owned_run
 from vitok.platform.train import (
@@ -75,7 +75,7 @@ def run_tokenizer(
     name = run_name or cfg.name
     out_dir = run_dir or cfg.run_dir(name)
     params = {**tokenizer_params(cfg.tokenizer), "data_hash": prepared.config_hash}
-    datasets = clip_datasets(prepared)
+    datasets = clip_splits(prepared)
     tags = {"vitok.kind": "tokenizer", "vitok.variant": cfg.tokenizer.variant}
     resume_file = storage.join(out_dir, "mlflow_run_id")
     with owned_run(

@@ -1,11 +1,11 @@
-"""Clip shards read back: ``clip_dataset(prepared, split)`` as a Ray Dataset for
-``ray.train.get_dataset_shard``, and ``to_model_input``, which turns a uint8 batch into the
-model's float input in [-1, 1] with random crop and flip (training) or a centre crop
-(evaluation)."""
+"""Clip shards read back: ``clip_splits(prepared)``, what a training job reads (each worker
+its share, straight from the files: ``vitok.platform.shard_reader``), ``clip_dataset(prepared,
+split)`` as a Ray Dataset (batch inference, generation metrics), and ``to_model_input``, which
+turns a uint8 batch into the model's float input in [-1, 1] with random crop and flip
+(training) or a centre crop (evaluation)."""
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +16,8 @@ import torch
 
 from vitok.platform import storage
 from vitok.platform.shard_checks import read_parquet_columns
+from vitok.platform.shard_layout import CLIP_COLUMN, decode_batch, decode_clips
+from vitok.platform.shard_reader import ShardSplit
 
 if TYPE_CHECKING:
     from vitok.platform.data import PreparedData
@@ -42,6 +44,7 @@ def clip_dataset(
     ``iter_torch_batches``); ``columns=None`` also keeps ``path``, ``start_s``, ``fps``,
     ``clip_index`` and ``source_id``. ``weights`` (one per source; default: the config's)
     mix the training split by keeping a deterministic fraction of each source's clips.
+    The stored clip encoding (``shard_layout``) is decoded in the read tasks.
     """
 
     if prepared.count(split) == 0:
@@ -58,7 +61,49 @@ def clip_dataset(
         )
     if columns is not None:
         ds = ds.select_columns(list(columns))
+    if columns is None or CLIP_COLUMN in columns:
+        ds = ds.map_batches(
+            decode_batch,
+            batch_format="numpy",
+            num_cpus=LIGHT_TASK_CPUS,
+            fn_kwargs={"shape": tuple(prepared.manifest["clip_shape"])},
+        )
     return ds
+
+
+def clip_splits(prepared: PreparedData) -> dict[str, ShardSplit]:
+    """What a training job reads: the "train" split (mixed by the config's weights) and,
+    when there is one, the "val" split, as ``ShardSplit``s (``clip`` and ``label``).
+
+    Kept per process and shard list: building one reads every shard's footer (its row
+    groups), and a study's trial process (reused by Tune) asks for the same splits trial
+    after trial.
+    """
+    files = (tuple(prepared.files("train")), tuple(prepared.files("val")))
+    weights = tuple(prepared.manifest["config"].get("weights") or ())
+    key = (files, weights)
+    if key not in _SPLITS:
+        shape = tuple(prepared.manifest["clip_shape"])
+        keep = _keep_masks(prepared, weights) if weights else None
+        splits = {"train": ShardSplit.from_files(files[0], TENSOR_COLUMNS, shape, keep)}
+        if prepared.num_val:
+            splits["val"] = ShardSplit.from_files(files[1], TENSOR_COLUMNS, shape)
+        _SPLITS.clear()  # one entry: a process works on one data config at a time
+        _SPLITS[key] = splits
+    return dict(_SPLITS[key])
+
+
+_SPLITS: dict[tuple[Any, ...], dict[str, ShardSplit]] = {}
+
+
+def _keep_masks(prepared: PreparedData, weights: tuple[float, ...]) -> list[np.ndarray]:
+    """Per training shard, which rows a mix by ``weights`` keeps (``_keep_fraction``)."""
+    keep = _mix_fractions(prepared, weights)
+    masks = []
+    for uri in prepared.files("train"):
+        table = read_parquet_columns(uri, ["path", "clip_index", "source_id"])
+        masks.append(_keep_mask({c: table.column(c).to_numpy() for c in table.column_names}, keep))
+    return masks
 
 
 def clip_datasets(prepared: PreparedData) -> dict[str, Any]:
@@ -100,25 +145,13 @@ def first_clips(prepared: PreparedData, split: str, count: int) -> np.ndarray:
         with fs.open_input_file(path) as f:  # only the rows needed, not the whole shard
             batch = next(pq.ParquetFile(f).iter_batches(batch_size=left, columns=["clip"]), None)
         if batch is not None:
-            out.append(_clip_array(pa.Table.from_batches([batch])))
+            table = pa.Table.from_batches([batch])
+            column = (table.schema.field("clip"), table.column("clip"))
+            out.append(np.array(decode_clips(column, prepared.manifest["clip_shape"])))
             left -= len(out[-1])
         if left <= 0:
             break
     return np.concatenate(out)
-
-
-def _clip_array(table: Any) -> np.ndarray:
-    """A shard's ``clip`` column (Ray Data's tensor extension: a list of uint8 per row, the
-    shape in the type, or in the field's metadata where Ray has not registered the type)."""
-    import pyarrow as pa
-
-    column = table.column("clip").combine_chunks()
-    shape = getattr(column.type, "shape", None)
-    if shape is None:
-        meta = table.schema.field("clip").metadata or {}
-        shape = json.loads(meta[b"ARROW:extension:metadata"])
-    lists = column.storage if isinstance(column.type, pa.ExtensionType) else column
-    return lists.flatten().to_numpy().reshape(len(column), *shape)
 
 
 def read_shards(paths: str | list[str], *, partitioning: Any = None) -> Any:
@@ -158,14 +191,19 @@ def _mix_fractions(prepared: PreparedData, weights: tuple[float, ...]) -> list[f
     return [scale * weights[i] / counts[i] if i in present else 0.0 for i in range(n_sources)]
 
 
-def _keep_fraction(batch: dict[str, np.ndarray], *, keep: list[float]) -> dict[str, np.ndarray]:
+def _keep_mask(batch: dict[str, np.ndarray], keep: list[float]) -> np.ndarray:
+    """Rows a mix keeps: a hash of (path, clip index) below its source's keep fraction."""
     score = np.array(
         [
             zlib.crc32(f"{p}:{c}".encode()) / 2**32
             for p, c in zip(batch["path"], batch["clip_index"])
         ]
     )
-    mask = score < np.asarray(keep)[batch["source_id"]]
+    return score < np.asarray(keep)[batch["source_id"]]
+
+
+def _keep_fraction(batch: dict[str, np.ndarray], *, keep: list[float]) -> dict[str, np.ndarray]:
+    mask = _keep_mask(batch, keep)
     return {k: v[mask] for k, v in batch.items()}
 
 

@@ -57,7 +57,8 @@ from vitok.platform.sources import (
     parse_source,
 )
 
-PIPELINE_VERSION = 1  # bump when the stored clips change for the same config: part of the key
+PIPELINE_VERSION = 2  # bump when the stored clips change for the same config: part of the key
+# (2: one clip per row group, the clip as raw bytes; shard_layout)
 MANIFEST = "manifest.json"  # written last: a folder without one holds nothing committed
 
 

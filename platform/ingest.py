@@ -23,6 +23,7 @@ import numpy as np
 from vitok.platform import storage
 from vitok.platform.media import ClipSpec, Rejected, decode_file, decode_file_isolated
 from vitok.platform.shard_checks import scan_all
+from vitok.platform.shard_layout import write_shards
 
 if TYPE_CHECKING:
     from vitok.platform.data import DataConfig
@@ -245,8 +246,10 @@ def decode_pass(
                 num_cpus=1,
                 max_retries=0 if retry else 1,
             )
-        ds.write_parquet(
+        write_shards(
+            ds,
             storage.join(work, "shards"),
+            remote_args={"num_cpus": 1, "max_retries": 0 if retry else 1},
             partition_cols=["split"],
             mode="append" if retry else "overwrite",
             min_rows_per_file=None if retry else max(1, SHARD_BYTES // clip_bytes),

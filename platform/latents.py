@@ -28,6 +28,8 @@ import torch
 
 from vitok.platform import storage
 from vitok.platform.data import LIGHT_TASK_CPUS, read_shards
+from vitok.platform.shard_layout import parquet_write_options
+from vitok.platform.shard_reader import ShardSplit
 
 MANIFEST_FILE = "latents.json"
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -170,11 +172,18 @@ class LatentSet:
 
     def dataset(self, split: str) -> Any:
         """One split as a ``ray.data.Dataset`` with ``latent`` and ``label`` columns."""
+        ds = read_shards(self._files(split))
+        return ds.select_columns(["latent", "label"])
 
+    def split(self, split: str) -> ShardSplit:
+        """One split as a training job reads it (``latent`` and ``label``; each worker its
+        share, straight from the files)."""
+        return ShardSplit.from_files(self._files(split), ("latent", "label"))
+
+    def _files(self, split: str) -> list[str]:
         if split not in self.splits:
             raise ValueError(f"split={split!r} is not allowed; choose one of {list(self.splits)}")
-        ds = read_shards(self.splits[split])
-        return ds.select_columns(["latent", "label"])
+        return self.splits[split]
 
 
 def load_latent_set(root: str) -> LatentSet | None:
@@ -297,6 +306,7 @@ def _write_encoded(
         partition_cols=["split"],
         mode="overwrite",
         ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
+        **parquet_write_options(),  # one latent per row group: the training shuffle's unit
     )
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from vitok.platform.tracking import TrackingConfig, start_run
 from vitok.platform.train import TrainConfig, TrainJob, run_training
+from vitok.platform.train_data import split_from_arrays
 
 
 class ProbeTask:
@@ -63,12 +64,10 @@ def probe_batch(batch: dict[str, torch.Tensor], training: bool, gen: torch.Gener
 
 
 def probe_datasets() -> dict[str, Any]:
-    import ray.data
-
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(4, 16)).astype("float32")
     rows = (rng.normal(size=(256, 4)).astype("float32") @ basis) / 4  # rank-4 vectors
-    return {"train": ray.data.from_items([{"x": r} for r in rows])}
+    return {"train": split_from_arrays({"x": rows})}
 
 
 def run_probe(name: str, work: Path, tracking: TrackingConfig, task: ProbeTask, **train: Any):

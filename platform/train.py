@@ -81,16 +81,25 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 0
     log_every: int = 10
+    # Each worker shuffles its share of an epoch (whose units, one clip each in the current
+    # shard layout, are already in a global random order) within windows of this many rows:
+    # it mixes the clips of a row group holding several (shards of another layout).
     shuffle_buffer: int = 64
-    # A training split of at most this many MB is read once per worker and kept in memory;
-    # each epoch is then a seeded permutation of it (no Ray Data pass per epoch: a small
-    # dataset runs hundreds of epochs). 0 streams every epoch through Ray Data.
+    # Row groups a worker has read are kept in memory up to this many MB: a small split is
+    # read once per worker and then served from memory (a small dataset runs hundreds of
+    # epochs), a larger one saves that fraction of its reads. 0 reads every epoch anew.
     cache_mb: int = 1024
+    # Reader threads per worker (row groups read at once: more for object storage, whose
+    # requests wait on latency) and batches read ahead of the step.
+    read_threads: int = 2
+    prefetch_batches: int = 2
     seed: int = 0
     max_failures: int = 2
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "num_workers", "log_every"):
+            check_positive(f"train.{name}", getattr(self, name))
+        for name in ("read_threads", "prefetch_batches"):
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
@@ -338,18 +347,20 @@ def run_training(
     """Fit ``job`` with a TorchTrainer; rerunning with the same name and storage resumes.
 
     ``storage_path`` is a folder or URI under the storage root that every node reaches (the
-    checkpoints live there). ``datasets``: "train" and optionally "val" Ray Datasets (read as
-    ``train_data.data_config`` says). The caller owns the MLflow run (``job.run_id``): it
+    checkpoints live there). ``datasets``: "train" and optionally "val" splits
+    (``shard_reader.ShardSplit`` or ``ArraySplit``); each worker reads its own share of them
+    (``train_data.WorkerData``). The caller owns the MLflow run (``job.run_id``): it
     creates and ends it and sets its tags (the workers' rank 0 logs the steps to it);
     ``callbacks`` are Ray Train callbacks (a Tune trial passes one that forwards reports).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vitok.platform.train_data import data_config
+    from vitok.platform.train_data import check_splits
     from vitok.platform.train_loop import train_loop_per_worker
 
     cfg = job.train
+    check_splits(datasets)
     if job.tracking is not None:  # workers run in another directory: ship an absolute URI
         tracking = dataclasses.replace(job.tracking, uri=resolve_uri(job.tracking.uri))
         job = dataclasses.replace(job, tracking=tracking)
@@ -369,7 +380,7 @@ def run_training(
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"job": job, "run_dir": run_dir},
+        train_loop_config={"job": job, "run_dir": run_dir, "splits": dict(datasets)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
@@ -382,8 +393,6 @@ def run_training(
             worker_runtime_env={"env_vars": env},
             callbacks=list(callbacks or []),
         ),
-        datasets=dict(datasets),
-        dataset_config=data_config(datasets),
     )
     result = trainer.fit()
     ckpt = None

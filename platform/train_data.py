@@ -1,88 +1,116 @@
-"""A training worker's data: its batches of each epoch, a function of (seed, epoch, rank)
-only, so a restarted worker sees the same clips in the same order as before the kill.
+"""A training worker's data: its batches of each epoch and its part of the evaluation split.
 
-Ray Train gives every worker the whole training split unsplit and in stored order
-(``data_config``); ``train_batches`` orders it (a seeded permutation of an in-memory copy
-when it fits ``train.cache_mb``, else a seeded local shuffle of the stream) and keeps this
-worker's slice of each global batch.
+Every worker reads only its share of the training split, straight from the shard files
+(``shard_reader``), in an order that is a function of (seed, epoch, world, rank) and of the
+epoch's earlier segments only (``read_plan``): a restarted worker sees the same clips as
+before the kill, a resume starts reading at the checkpointed batch, and a restart at another
+world size still sees each clip once per epoch. Ray Data is not involved: no dataset manager
+or split coordinator process per run, and nothing to fast-forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from vitok.platform.read_plan import batches_in_segment, contiguous_part, worker_order
+from vitok.platform.shard_reader import ArraySplit, ShardSplit, SplitReader, UnitCache
 from vitok.platform.train import TrainConfig
 
-
-def train_batches(
-    shard: Any, cfg: TrainConfig, rank: int, world: int, epoch: int, cache: EpochCache
-) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's batches of one epoch, a function of (seed, epoch, rank) only.
-
-    ``shard`` iterates the whole training split in its stored order (Ray Train gives every
-    worker the unsplit dataset with ``preserve_order``; see ``data_config``). Every worker
-    orders it identically, draws global batches of ``batch_size * world`` rows and keeps
-    rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each: together the workers see
-    each row of a full global batch once, every worker the same number of batches.
-
-    A split that fits ``cfg.cache_mb`` is read once into ``cache`` and each epoch is a
-    permutation seeded by seed + epoch; a larger one streams every epoch through a local
-    shuffle buffer of ``shuffle_buffer`` rows per worker, seeded by seed + epoch.
-    """
-    global_batch = cfg.batch_size * world
-    lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
-    rows = cache.rows(shard)
-    if rows is not None:
-        count = len(next(iter(rows.values()))) if rows else 0
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        for start in range(0, count - global_batch + 1, global_batch):
-            picked = order[start + lo : start + hi]
-            yield {k: v[picked] for k, v in rows.items()}
-        return
-    for batch in shard.iter_torch_batches(
-        batch_size=global_batch,
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.shuffle_buffer * world or None,
-        local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
-    ):
-        yield {k: v[lo:hi] for k, v in batch.items()}  # (batch_size, ...) per column
+Split = ShardSplit | ArraySplit
+Segments = Sequence[tuple[int, int]]
 
 
-class EpochCache:
-    """The training split in memory, in stored order, when it fits ``limit_mb`` (decided by
-    reading it once; the same split decides the same way on every restart)."""
+class WorkerData:
+    """One worker's readers: "train" (its share of each epoch) and "val" if given, sharing
+    one ``UnitCache`` of ``cfg.cache_mb``."""
 
-    def __init__(self, limit_mb: int) -> None:
-        self.limit = limit_mb * 2**20
-        self._rows: dict[str, torch.Tensor] | None = None
-        self._too_big = limit_mb <= 0
+    def __init__(
+        self,
+        splits: Mapping[str, Split],
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        *,
+        pin_memory: bool = False,
+    ) -> None:
+        check_splits(splits)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        cache = UnitCache(cfg.cache_mb)
+        self.readers = {
+            name: SplitReader(
+                split,
+                name,
+                threads=cfg.read_threads,
+                prefetch=cfg.prefetch_batches,
+                cache=cache,
+                pin_memory=pin_memory and name == "train",
+            )
+            for name, split in splits.items()
+        }
+        self.unit_rows = splits["train"].unit_rows
 
-    def rows(self, shard: Any) -> dict[str, torch.Tensor] | None:
-        if self._rows is None and not self._too_big:
-            parts: dict[str, list[torch.Tensor]] = {}
-            size = 0
-            for batch in shard.iter_torch_batches(batch_size=256, drop_last=False):
-                size += sum(v.numel() * v.element_size() for v in batch.values())
-                if size > self.limit:
-                    self._too_big = True
-                    return None
-                for k, v in batch.items():
-                    parts.setdefault(k, []).append(v)
-            self._rows = {k: torch.cat(v) for k, v in parts.items()}
-        return self._rows
+    def batches_in_epoch(self, segments: Segments = ()) -> int:
+        """Batches this worker (and every other) takes in the epoch's open segment."""
+        return batches_in_segment(self.unit_rows, self.world, self.cfg.batch_size, segments)
+
+    def train_batches(
+        self, epoch: int, segments: Segments = (), start: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's batches of ``epoch`` from batch ``start`` of the open segment on;
+        nothing before ``start`` is read."""
+        cfg = self.cfg
+        order = worker_order(
+            self.unit_rows,
+            seed=cfg.seed,
+            epoch=epoch,
+            world=self.world,
+            rank=self.rank,
+            batch_size=cfg.batch_size,
+            window=cfg.shuffle_buffer,
+            segments=segments,
+        )
+        return self.readers["train"].batches(order[start * cfg.batch_size :], cfg.batch_size)
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's contiguous part of the "val" split, in stored order, the last batch
+        possibly short (the evaluator reduces across workers)."""
+        reader = self.readers["val"]
+        part = contiguous_part(reader.num_rows, self.world, self.rank)
+        return reader.batches(part, self.cfg.batch_size, drop_last=False)
+
+    @property
+    def bytes_read(self) -> dict[str, int]:
+        return {name: reader.bytes_read for name, reader in self.readers.items()}
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
 
 
-def data_config(datasets: Mapping[str, Any]) -> Any:
-    """Ray Train's ingest: "train" unsplit and in order (``train_batches``), others split."""
-    from ray.train import DataConfig
+def check_splits(splits: Mapping[str, object]) -> None:
+    """A job's data is a "train" split and optionally a "val" split, each a ``ShardSplit``
+    or ``ArraySplit`` (a Ray Dataset is refused: workers read the files themselves)."""
+    if "train" not in splits:
+        raise ValueError(f"datasets must hold a 'train' split; got {sorted(splits)}")
+    for name, split in splits.items():
+        if name not in ("train", "val"):
+            raise ValueError(f"datasets: split {name!r} is not 'train' or 'val'")
+        if not isinstance(split, ShardSplit | ArraySplit):
+            raise TypeError(
+                f"datasets[{name!r}] is a {type(split).__name__}; pass a ShardSplit "
+                "(clips.clip_splits(prepared), LatentSet.split(name)) or an ArraySplit"
+            )
+        if int(split.unit_rows.sum()) == 0:
+            raise ValueError(f"datasets[{name!r}] holds no rows")
 
-    ordered = DataConfig.default_ingest_options()
-    ordered.preserve_order = True
-    names = [name for name in datasets if name != "train"]
-    return DataConfig(datasets_to_split=names, execution_options={"train": ordered})
+
+def split_from_arrays(arrays: Mapping[str, object], rows_per_unit: int = 1) -> ArraySplit:
+    """An ``ArraySplit`` of numpy-convertible columns (tests, probes, loop benchmarks)."""
+    import numpy as np
+
+    return ArraySplit({k: np.asarray(v) for k, v in arrays.items()}, rows_per_unit)
 
 
-__all__ = ["EpochCache", "data_config", "train_batches"]
+__all__ = ["Split", "WorkerData", "check_splits", "split_from_arrays"]

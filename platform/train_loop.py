@@ -1,12 +1,15 @@
 """The Ray Train worker loop in named pieces: the model and its engines (``Worker``), the
-``Checkpointer``, this worker's ``train_batches``, the ``MetricWindow``, ``StepLogger``,
-``evaluate`` and the ``Loop`` that steps them (started by ``train.run_training``).
+``Checkpointer``, this worker's data (``train_data.WorkerData``), the ``MetricWindow``,
+``StepLogger``, ``evaluate`` and the ``Loop`` that steps them (started by
+``train.run_training``).
 
 A resumed run ends as an uninterrupted one would (same weights, same curve): all a step
-consumes is a function of (seed, epoch, rank, step) and of the checkpoint (DeepSpeed state,
-task state, loop position, the open logging window's sums). The data order too: every
-worker reads the whole training split in stored order and keeps its slice of each global
-batch (``train_batches``), where a streaming split hands a restarted worker other clips.
+consumes is a function of (seed, epoch, world, rank, micro step) and of the checkpoint
+(DeepSpeed state, task state, loop position, the open logging window's sums). The data order
+too: each worker's batches are a plan over the split's row groups (``read_plan``), and a
+resume starts reading at the checkpointed batch. The loop position holds the world size and
+the epoch's earlier segments, so a restart at another world size splits what the epoch has
+not yet consumed among the new workers.
 
 Each step is logged once: steps re-run after a restart give the same values, but MLflow
 would store them twice (and ``perf/*`` differ), so ``StepLogger`` skips what an earlier
@@ -16,6 +19,7 @@ twice, with the same values).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +45,7 @@ from vitok.platform.train import (
     named_losses,
     optimizer_parts,
 )
-from vitok.platform.train_data import EpochCache, train_batches
+from vitok.platform.train_data import WorkerData
 from vitok.platform.train_metrics import LOG_MARK_FILE, MetricWindow, StepLogger
 from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
 
@@ -149,12 +153,12 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> tuple[dict[str, float], Any]:
+def evaluate(
+    job: TrainJob, worker: Worker, data: WorkerData, rank: int, step: int
+) -> tuple[dict[str, float], Any]:
     """``val/<metric>`` of the job's evaluator over the whole validation split (each worker
     reads its part; ``Evaluator.compute`` reduces across workers), and the evaluator (None
     without one), which may draw what it evaluated (``log_artifacts``)."""
-    import ray.train
-
     if job.make_evaluator is None:
         return {}, None
     cfg = job.train
@@ -167,10 +171,8 @@ def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> tuple[dict[
     eval_model = job.task.eval_module(root)
     was_training = eval_model.training
     eval_model.eval()
-    shard = ray.train.get_dataset_shard("val")
     torch.manual_seed(_step_seed(cfg.seed + 1, rank, step))
-    with torch.no_grad():
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=False)
+    with torch.no_grad(), contextlib.closing(data.eval_batches()) as batches:
         for i, batch in enumerate(batches):
             if cfg.eval_batches and i >= cfg.eval_batches:
                 break
@@ -185,15 +187,21 @@ def evaluate(job: TrainJob, worker: Worker, rank: int, step: int) -> tuple[dict[
 class Loop:
     """Steps one worker through ``train.steps`` optimizer steps, from a checkpoint if any."""
 
-    def __init__(self, job: TrainJob, rank: int, world: int, run_dir: str | None) -> None:
+    def __init__(
+        self, job: TrainJob, rank: int, world: int, run_dir: str | None, splits: Mapping[str, Any]
+    ) -> None:
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
         self.worker = Worker(job)
         self.checkpointer = Checkpointer(job, self.worker, rank, run_dir)
         # train_s / eval_s: seconds in training steps and in evaluation, summed over restarts
         # (the study compares them with a trial's wall time: the rest is the platform's cost)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
-        self.state.update(train_s=0.0, eval_s=0.0)
+        # world: the size the open segment of the epoch runs at; segments: the epoch's
+        # earlier (world, batches) segments, closed by a restart at another world size
+        self.state.update(train_s=0.0, eval_s=0.0, world=world, segments=[])
         self.resumed = self.checkpointer.restore(self.state)
+        self.state.setdefault("segments", [])  # a checkpoint from before segments
+        resume_at_world(self.state, world)
         self.window = MetricWindow(self.state.pop("window", None))
         self.logger = None
         if rank == 0 and job.run_id and job.tracking is not None and job.tracking.enabled:
@@ -204,7 +212,8 @@ class Loop:
                 self.logger.inner.set_tags({tag: self.state["step"]})
         self.metrics: dict[str, float] = {}
         self.micro = 0
-        self.cache = EpochCache(self.cfg.cache_mb)
+        pin = self.cfg.use_gpu and torch.cuda.is_available()  # batches land in pinned memory
+        self.data = WorkerData(splits, self.cfg, rank, world, pin_memory=pin)
         self.clock = (time.perf_counter(), self.state["step"])
         self.first_step_at = 0.0  # wall clock (epoch s) when this attempt began its first step
 
@@ -235,27 +244,25 @@ class Loop:
             self.logger.close()
 
     def epoch(self) -> None:
-        """Steps through the rest of the current epoch (or until the last step)."""
-        import ray.train
-
-        state, skip, seen = self.state, self.state["batch_in_epoch"], 0
-        shard = ray.train.get_dataset_shard("train")
-        epoch = state["epoch"]
-        for batch in train_batches(shard, self.cfg, self.rank, self.world, epoch, self.cache):
-            seen += 1
-            if seen <= skip:
-                continue  # fast-forward to the resumed position within this epoch
-            state["batch_in_epoch"] = seen
-            if self.train_step(batch) and self.after_step():
-                return
-        if seen == 0:
+        """Steps through the rest of the current epoch (or until the last step), reading
+        from the checkpointed batch on."""
+        state = self.state
+        segments = [tuple(seg) for seg in state["segments"]]
+        if self.data.batches_in_epoch(segments) == 0 and not segments:
             raise RuntimeError(
                 f"{self.job.name}: the training split yields no full batch of "
                 f"{self.cfg.batch_size} per worker ({self.world} workers); add data or lower "
                 "train.batch_size"
             )
+        batches = self.data.train_batches(state["epoch"], segments, state["batch_in_epoch"])
+        with contextlib.closing(batches):
+            for batch in batches:
+                state["batch_in_epoch"] += 1
+                if self.train_step(batch) and self.after_step():
+                    return
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
+        state["segments"] = []
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """One micro step; True when it completed an optimizer step."""
@@ -309,7 +316,8 @@ class Loop:
         evaluator drew of the clips it evaluated (tracking: the platform's time, not work)."""
         started = time.perf_counter()
         try:
-            metrics, evaluator = evaluate(self.job, self.worker, self.rank, self.state["step"])
+            step = self.state["step"]
+            metrics, evaluator = evaluate(self.job, self.worker, self.data, self.rank, step)
         finally:
             self.state["eval_s"] += time.perf_counter() - started
         if final and self.logger and hasattr(evaluator, "log_artifacts"):
@@ -360,10 +368,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(default)
     if not job.train.use_gpu:
         torch.set_num_threads(max(1, round(job.train.cpus_per_worker)))
-    Loop(job, rank, world, config.get("run_dir")).run()
+    Loop(job, rank, world, config.get("run_dir"), config["splits"]).run()
 
 
 # ----------------------------------------------------------------------------- helpers
+def resume_at_world(state: dict[str, Any], world: int) -> None:
+    """The loop position for a (re)start at ``world`` workers: at another world size than
+    the checkpoint's, the epoch's open segment is closed where it stopped, and the rows no
+    worker consumed yet are split among the new workers (``read_plan.worker_order``)."""
+    saved = int(state.get("world", world))
+    if saved != world and state["batch_in_epoch"] > 0:
+        state["segments"] = [*state["segments"], [saved, state["batch_in_epoch"]]]
+        state["batch_in_epoch"] = 0
+    state["world"] = world
+
+
 def _learning_rates(parts: list[OptimizerPart], engines: list[Any]) -> dict[str, float]:
     """``train/lr`` (the first part's) and ``train/lr/<part>`` for every other part."""
     out = {}

@@ -23,6 +23,7 @@ from vitok.platform.train import (
     lr_multiplier,
     run_training,
 )
+from vitok.platform.train_data import split_from_arrays
 
 
 class ToyTask:
@@ -74,13 +75,14 @@ def toy_batch(batch, training, gen):
     return {"x": batch["x"].float()}
 
 
-def toy_datasets(ray):
+def toy_datasets():
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(4, 16)).astype("float32")
     rows = (rng.normal(size=(256, 4)).astype("float32") @ basis) / 4
-    train = ray.data.from_items([{"x": r} for r in rows[:224]])
-    val = ray.data.from_items([{"x": r} for r in rows[224:]])
-    return {"train": train, "val": val}
+    return {
+        "train": split_from_arrays({"x": rows[:224]}),
+        "val": split_from_arrays({"x": rows[224:]}),
+    }
 
 
 def test_train_config_validation_and_overrides():
@@ -150,7 +152,7 @@ def uninterrupted(ray_local, tmp_path_factory):
     tracking = TrackingConfig(uri=uri, experiment="toy", system_metrics=False)
     run_id = start_run(tracking, "toy-z0", resume_file=tmp_path / "mlflow_run_id")
     job = toy_job("toy-z0", tracking, run_id)
-    result = run_training(job, toy_datasets(ray_local), storage_path=tmp_path / "ray")
+    result = run_training(job, toy_datasets(), storage_path=tmp_path / "ray")
     return result, uri, run_id
 
 
@@ -164,7 +166,7 @@ def test_toy_training_two_workers_lowers_loss(ray_local, request, tmp_path, mlfl
         name = f"toy-z{zero_stage}"
         run_id = start_run(tracking, name, resume_file=tmp_path / name / "mlflow_run_id")
         job = toy_job(name, tracking, run_id, zero_stage)
-        result = run_training(job, toy_datasets(ray_local), storage_path=tmp_path / "ray")
+        result = run_training(job, toy_datasets(), storage_path=tmp_path / "ray")
     assert result.checkpoint_dir is not None
     state = load_checkpoint_state(result.checkpoint_dir)
     assert state["loop"]["step"] == 40
@@ -224,7 +226,7 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
     resume_file = tmp_path / "mlflow_run_id"
     run_id = start_run(tracking, name, resume_file=resume_file)
     job = toy_job(name, tracking, run_id, task=KillOnce(ToyTask(), (21, 33), tmp_path))
-    result = run_training(job, toy_datasets(ray_local), storage_path=tmp_path / "ray")
+    result = run_training(job, toy_datasets(), storage_path=tmp_path / "ray")
 
     trace = [line.split() for line in (tmp_path / "trace").read_text().splitlines()]
     first_steps = [int(s) for i, (p, s) in enumerate(trace) if i == 0 or trace[i - 1][0] != p]

@@ -1,65 +1,295 @@
-"""A worker's batches are a function of (seed, epoch, rank): in memory or streamed, every
-worker of a global batch gets a disjoint slice, and a too-large split falls back to the
-stream."""
+"""The training read path without Ray: each worker reads only its share of the split from
+the shard files, in an order that is a function of (seed, epoch, world, rank), resumes at the
+checkpointed batch without reading what came before, sees each clip once per epoch across a
+restart at another world size, and shuffles for real (clips of one video no more often in
+one batch than a uniform permutation puts them there, within 2x)."""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
+from vitok.platform import read_plan
+from vitok.platform.read_plan import (
+    same_group_pair_share,
+    uniform_pair_share,
+    worker_order,
+)
+from vitok.platform.shard_layout import encode_clips, parquet_write_options
+from vitok.platform.shard_reader import ShardSplit, SplitReader, UnitCache
 from vitok.platform.train import TrainConfig
-from vitok.platform.train_data import EpochCache, train_batches
+from vitok.platform.train_data import WorkerData, check_splits, split_from_arrays
+from vitok.platform.train_loop import resume_at_world
+
+SHAPE = (2, 16, 16, 3)  # 1536 bytes a clip
 
 
-class Shard:
-    """The stored-order stream a worker gets (``ray.train.get_dataset_shard``), counting
-    passes over it."""
-
-    def __init__(self, n: int) -> None:
-        self.x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4)  # row i is all i
-        self.passes = 0
-
-    def iter_torch_batches(self, batch_size, drop_last, **shuffle):
-        self.passes += 1
-        order = torch.arange(len(self.x))
-        if shuffle.get("local_shuffle_seed") is not None:
-            g = torch.Generator().manual_seed(shuffle["local_shuffle_seed"])
-            order = order[torch.randperm(len(order), generator=g)]
-        stop = len(order) - len(order) % batch_size if drop_last else len(order)
-        for i in range(0, stop, batch_size):
-            yield {"x": self.x[order[i : i + batch_size]]}
+def clip_of(row: int) -> np.ndarray:
+    """Clip number ``row``: its bytes spell the row, so a batch shows what it holds."""
+    return np.full(SHAPE, row % 251, np.uint8) + np.arange(SHAPE[-1], dtype=np.uint8)
 
 
-def _rows(cfg, rank, world, epoch, cache, shard):
-    return [
-        b["x"][:, 0].long().tolist() for b in train_batches(shard, cfg, rank, world, epoch, cache)
+def write_split(folder, videos: list[int], files: int = 3, rows_per_group: int = 1) -> list:
+    """Shards of ``len(videos)`` clips in stored order (clip i of video ``videos[i]``), raw
+    clips as the writer stores them; ``rows_per_group=1`` is the writer's layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(videos)
+    options = parquet_write_options()
+    options["row_group_size"] = rows_per_group
+    paths = []
+    for f, rows in enumerate(np.array_split(np.arange(n), files)):
+        clips = np.stack([clip_of(int(i)) for i in rows])
+        table = pa.table(
+            {
+                "clip": pa.array(list(encode_clips(clips)), pa.binary()),
+                "label": pa.array(rows.astype(np.int64)),  # the row id, to check contents
+                "path": pa.array([f"video{videos[i]:04d}.mp4" for i in rows]),
+            }
+        )
+        path = folder / f"part-{f}.parquet"
+        pq.write_table(table, path, **options)
+        paths.append(str(path))
+    return paths
+
+
+def rows_of(batches) -> list[list[int]]:
+    out = []
+    for batch in batches:
+        clips = batch["clip"].numpy()
+        labels = batch["label"].tolist()
+        for clip, label in zip(clips, labels):
+            np.testing.assert_array_equal(clip, clip_of(label))  # the bytes of that row
+        out.append(labels)
+    return out
+
+
+def ucf_videos(n_videos: int = 120, seed: int = 0) -> list[int]:
+    """A UCF-shaped corpus in stored order: each video's 2-3 clips back to back."""
+    per_video = np.random.default_rng(seed).integers(2, 4, n_videos)
+    return [v for v, k in enumerate(per_video) for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> ShardSplit:
+    folder = tmp_path_factory.mktemp("shards")
+    files = write_split(folder, ucf_videos(40))  # 40 videos, about 100 clips, 3 files
+    return ShardSplit.from_files(files, ("clip", "label"), SHAPE)
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 4, "seed": 3, "cache_mb": 0, **kw})
+
+
+def _epoch(split, cfg, world, epoch=0, segments=(), start=0):
+    """(rows of each worker's batches, each worker's data bytes read)."""
+    out, read = [], []
+    for rank in range(world):
+        data = WorkerData({"train": split}, cfg, rank, world)
+        out.append(rows_of(data.train_batches(epoch, segments, start)))
+        read.append(data.readers["train"].bytes_read)
+        data.close()
+    return out, read
+
+
+# ----------------------------------------------------------------------------- order
+def test_the_order_is_a_function_of_seed_epoch_world_and_rank(split):
+    cfg, n = _cfg(), int(split.unit_rows.sum())
+    for world in (1, 2, 4):
+        epoch0, _ = _epoch(split, cfg, world)
+        again, _ = _epoch(split, cfg, world)
+        assert epoch0 == again  # a restarted worker gets the same batches
+        batches = {len(rows) for rows in epoch0}
+        assert batches == {(n // world) // cfg.batch_size}  # equal steps on every worker
+        seen = [i for rows in epoch0 for batch in rows for i in batch]
+        assert len(seen) == len(set(seen)) > n - world * cfg.batch_size  # each clip once
+        assert epoch0 != _epoch(split, cfg, world, epoch=1)[0]  # a new order each epoch
+        assert epoch0 != _epoch(split, _cfg(seed=4), world)[0]
+    # The epoch's global sequence does not depend on the world size.
+    one = worker_order(split.unit_rows, seed=3, epoch=0, world=1, rank=0, batch_size=1, window=1)
+    two = [
+        worker_order(split.unit_rows, seed=3, epoch=0, world=2, rank=r, batch_size=1, window=1)
+        for r in (0, 1)
     ]
+    assert np.array_equal(np.concatenate(two), one[: len(two[0]) * 2])
 
 
-def test_cached_epochs_are_seeded_permutations_split_across_ranks():
-    cfg = TrainConfig(batch_size=3, seed=7, cache_mb=1)
-    shard = Shard(20)
-    caches = [EpochCache(cfg.cache_mb), EpochCache(cfg.cache_mb)]
-    epoch0 = [_rows(cfg, r, 2, 0, caches[r], shard) for r in (0, 1)]
-    assert shard.passes == 2  # each worker read the split once ...
-    epoch1 = [_rows(cfg, r, 2, 1, caches[r], shard) for r in (0, 1)]
-    assert shard.passes == 2  # ... and never again
-    for epoch in (epoch0, epoch1):
-        assert len(epoch[0]) == len(epoch[1]) == 20 // 6  # full global batches only
-        seen = [i for rank in epoch for batch in rank for i in batch]
-        assert len(seen) == len(set(seen)) == 18  # disjoint slices, no row twice
-    assert epoch0 != epoch1  # a new permutation each epoch
-    # A restarted worker (a new cache) gets exactly the same batches for the same epoch.
-    assert _rows(cfg, 1, 2, 1, EpochCache(cfg.cache_mb), Shard(20)) == epoch1[1]
+# ----------------------------------------------------------------------------- bytes
+def test_bytes_read_per_worker_fall_as_one_over_world(split):
+    """Each worker reads its share (at most 1.1 x split / world, plus one row group) at world
+    1, 2, 4 and 8, so what a worker reads falls as 1/world."""
+    cfg = _cfg(batch_size=2)
+    total = sum(
+        pq.ParquetFile(f).metadata.row_group(g).total_byte_size
+        for f in split.files
+        for g in range(pq.ParquetFile(f).metadata.num_row_groups)
+    )
+    one_group = max(
+        pq.ParquetFile(f).metadata.row_group(g).total_byte_size
+        for f in split.files
+        for g in range(pq.ParquetFile(f).metadata.num_row_groups)
+    )
+    per_world = {}
+    for world in (1, 2, 4, 8):
+        _, read = _epoch(split, cfg, world)
+        assert max(read) <= 1.1 * total / world + one_group, (world, read, total)
+        per_world[world] = max(read)
+    assert per_world[8] < per_world[4] < per_world[2] < per_world[1] <= total
+    assert per_world[1] / per_world[8] > 7  # about 8x less per worker at 8 workers
 
 
-def test_a_split_larger_than_the_cache_streams_with_the_seeded_shuffle():
-    cfg = TrainConfig(batch_size=4, seed=3, cache_mb=0, shuffle_buffer=8)
-    shard = Shard(16)
-    streamed = _rows(cfg, 0, 1, 2, EpochCache(cfg.cache_mb), shard)
-    assert shard.passes == 1 and sorted(i for b in streamed for i in b) == list(range(16))
-    assert streamed == _rows(cfg, 0, 1, 2, EpochCache(0), Shard(16))  # same seed, same order
+def test_the_cache_serves_later_epochs_without_changing_the_order(split):
+    cfg = _cfg(cache_mb=64)
+    data = WorkerData({"train": split}, cfg, 1, 2)
+    first = rows_of(data.train_batches(0))
+    read_once = data.readers["train"].bytes_read
+    later = [rows_of(data.train_batches(e)) for e in (1, 2, 3, 4, 5, 6)]
+    assert data.readers["train"].bytes_read <= 2.2 * read_once  # never more than the split
+    assert [first, *later] == [_epoch(split, _cfg(), 2, epoch=e)[0][1] for e in range(7)]
 
-    tiny = EpochCache(limit_mb=1)
-    tiny.limit = 100  # bytes: 16 rows of 4 float32 are 256
-    big = Shard(16)
-    assert tiny.rows(big) is None and tiny.rows(big) is None and big.passes == 1
+
+# ----------------------------------------------------------------------------- resume
+def test_a_resume_reads_from_the_checkpointed_batch_on(split):
+    cfg = _cfg()
+    full, read_full = _epoch(split, cfg, 2)
+    k = 5
+    resumed, read_resumed = _epoch(split, cfg, 2, start=k)
+    assert resumed == [rows[k:] for rows in full]
+    for rank in (0, 1):  # only the rest of the share was read
+        left = len(full[rank]) - k
+        assert read_resumed[rank] <= read_full[rank] * left / len(full[rank]) + 1600
+
+
+def test_a_restart_at_another_world_size_sees_each_clip_once_per_epoch(split):
+    """Two workers stop after 4 batches; the restarted job has one worker (then 3, then 2):
+    across the segments every clip of the epoch is seen at most once, and all but less
+    than one global batch per segment."""
+    cfg, n = _cfg(), int(split.unit_rows.sum())
+    for worlds in ((2, 1), (4, 3, 2), (1, 2)):
+        seen, segments = [], []
+        for i, world in enumerate(worlds):
+            rows, _ = _epoch(split, cfg, world, segments=segments)
+            done = 4 if i < len(worlds) - 1 else len(rows[0])
+            seen += [r for w in rows for batch in w[:done] for r in batch]
+            state = {"world": world, "batch_in_epoch": done, "segments": list(segments)}
+            if i < len(worlds) - 1:
+                resume_at_world(state, worlds[i + 1])
+                assert state["batch_in_epoch"] == 0 and state["world"] == worlds[i + 1]
+            segments = [tuple(s) for s in state["segments"]]
+        assert len(seen) == len(set(seen)), worlds
+        assert len(seen) > n - sum(w * cfg.batch_size for w in worlds), (worlds, len(seen), n)
+    # At the same world size the open segment simply continues.
+    state = {"world": 2, "batch_in_epoch": 3, "segments": []}
+    resume_at_world(state, 2)
+    assert state == {"world": 2, "batch_in_epoch": 3, "segments": []}
+
+
+# ----------------------------------------------------------------------------- shuffle
+def _pair_ratio(split, videos, world, batch_size, epochs=4, **kw) -> float:
+    cfg = _cfg(batch_size=batch_size, **kw)
+    shares = []
+    for epoch in range(epochs):
+        orders = [
+            worker_order(
+                split.unit_rows,
+                seed=cfg.seed,
+                epoch=epoch,
+                world=world,
+                rank=r,
+                batch_size=batch_size,
+                window=cfg.shuffle_buffer,
+            ).reshape(-1, batch_size)
+            for r in range(world)
+        ]
+        global_batches = np.concatenate(orders, axis=1)  # (batches, world * batch_size)
+        shares.append(same_group_pair_share([videos[b] for b in global_batches]))
+    return float(np.mean(shares)) / uniform_pair_share(videos)
+
+
+def test_the_shuffle_mixes_videos_like_a_uniform_permutation(tmp_path):
+    """On a UCF-shaped corpus stored video by video (2-3 clips each), the share of pairs in
+    a global batch from the same video is within 2x of a uniform permutation's, at 1 and 4
+    workers, with the writer's layout (one clip per row group)."""
+    videos = np.asarray(ucf_videos(400, seed=1))
+    files = write_split(tmp_path / "ucf", videos.tolist(), files=4)
+    split = ShardSplit.from_files(files, ("clip", "label"), SHAPE)
+    for world in (1, 4):
+        ratio = _pair_ratio(split, videos, world, batch_size=32 // world)
+        assert 0.5 < ratio < 2.0, (world, ratio)
+    # Stored order (what a read without the permutation gives) puts them together: the
+    # same check fails by a wide margin.
+    stored = videos[: len(videos) // 32 * 32].reshape(-1, 32)
+    assert same_group_pair_share(list(stored)) / uniform_pair_share(videos) > 10
+
+
+def test_row_groups_of_several_clips_are_read_whole_and_mixed_within_the_window(tmp_path):
+    """Shards of another layout (8 clips per row group, as older shards): every clip is read
+    correctly, each once, and the window shuffle mixes a row group's clips over batches."""
+    videos = np.asarray(ucf_videos(60, seed=2))
+    files = write_split(tmp_path / "old", videos.tolist(), files=2, rows_per_group=8)
+    split = ShardSplit.from_files(files, ("clip", "label"), SHAPE)
+    rows, _ = _epoch(split, _cfg(shuffle_buffer=64), 2)
+    seen = [r for w in rows for batch in w for r in batch]
+    assert len(seen) == len(set(seen)) > len(videos) - 8
+    mixed = _pair_ratio(split, videos, 2, batch_size=8, shuffle_buffer=64)
+    unmixed = _pair_ratio(split, videos, 2, batch_size=8, shuffle_buffer=1)
+    assert mixed < unmixed / 2
+
+
+# ----------------------------------------------------------------------------- reader
+def test_a_mix_keeps_only_the_masked_rows(split):
+    keep = [np.arange(sum(rows)) % 3 == 0 for rows in split.group_rows]
+    masked = ShardSplit.from_files(split.files, ("clip", "label"), SHAPE, keep)
+    kept = {int(i) for i in np.concatenate([np.arange(sum(r)) for r in split.group_rows])}
+    starts = np.cumsum([0] + [sum(r) for r in split.group_rows])
+    kept = {s + i for s, k in zip(starts, keep) for i in np.flatnonzero(k)}
+    reader = SplitReader(masked, cache=UnitCache(0))
+    rows = rows_of(reader.batches(np.arange(int(masked.unit_rows.sum())), 1))
+    assert sorted(r for batch in rows for r in batch) == sorted(kept)
+
+
+def test_a_read_error_is_raised_where_the_batches_are_used(tmp_path):
+    files = write_split(tmp_path / "gone", list(range(16)), files=2)
+    split = ShardSplit.from_files(files, ("clip", "label"), SHAPE)
+    (tmp_path / "gone" / "part-1.parquet").unlink()
+    reader = SplitReader(split, threads=2, prefetch=1)
+    with pytest.raises(OSError):
+        rows_of(reader.batches(np.arange(16), 4))
+    # A consumer that stops early ends the reader thread (no hang, nothing left running).
+    files = write_split(tmp_path / "ok", list(range(64)), files=2)
+    reader = SplitReader(ShardSplit.from_files(files, ("clip", "label"), SHAPE), prefetch=1)
+    batches = reader.batches(np.arange(64), 4)
+    assert next(batches)["label"].tolist() == [0, 1, 2, 3]
+    batches.close()
+    reader.close()
+
+
+def test_in_memory_splits_and_what_a_job_may_pass():
+    arrays = split_from_arrays({"x": np.arange(10.0)[:, None], "label": np.arange(10)})
+    data = WorkerData({"train": arrays}, _cfg(batch_size=2), 0, 1)
+    rows = [b["label"].tolist() for b in data.train_batches(0)]
+    assert sorted(i for b in rows for i in b) == list(range(10))
+    with pytest.raises(TypeError, match="pass a ShardSplit"):
+        check_splits({"train": object()})
+    with pytest.raises(ValueError, match="'train'"):
+        check_splits({"val": arrays})
+
+
+def test_plan_segments_consume_a_prefix_of_nothing_twice():
+    """The plan alone (no I/O): after closed segments, the open one's rows are exactly the
+    rows no earlier segment consumed (less the short tails)."""
+    rows = np.ones(103, np.int64)
+    consumed = []
+    for r in range(2):
+        order = worker_order(rows, seed=1, epoch=2, world=2, rank=r, batch_size=5, window=8)
+        consumed += order[: 3 * 5].tolist()
+    rest = [
+        worker_order(
+            rows, seed=1, epoch=2, world=3, rank=r, batch_size=5, window=8, segments=[(2, 3)]
+        )
+        for r in range(3)
+    ]
+    later = np.concatenate(rest).tolist()
+    assert not set(consumed) & set(later) and len(set(later)) == len(later)
+    assert read_plan.batches_in_segment(rows, 3, 5, [(2, 3)]) == len(rest[0]) // 5

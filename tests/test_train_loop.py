@@ -47,8 +47,15 @@ def _loop(cfg: TrainConfig, draws: list[list[int]]) -> SimpleNamespace:
     job = SimpleNamespace(task=_Task(), batch_fn=batch_fn, columns=("x",))
     state = {"step": 0, "samples": 0, "train_s": 0.0}
     return SimpleNamespace(
-        job=job, cfg=cfg, worker=worker, state=state, rank=0, world=1, micro=0,
-        window=MetricWindow(), first_step_at=0.0,
+        job=job,
+        cfg=cfg,
+        worker=worker,
+        state=state,
+        rank=0,
+        world=1,
+        micro=0,
+        window=MetricWindow(),
+        first_step_at=0.0,
     )
 
 

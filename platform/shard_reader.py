@@ -1,0 +1,406 @@
+"""A training worker's reader: the rows of a plan (``vitok.platform.read_plan``) as torch
+batches, read straight from Parquet with pyarrow (local disk, S3, GCS: the storage root's
+filesystem), a row group at a time, in reader threads ahead of the step.
+
+Splits are small picklable descriptions shipped to every worker:
+
+- ``ShardSplit``: Parquet files and the row count of each row group (from the footers,
+  read once on the driver), the columns to read, the raw clip shape, and an optional keep
+  mask per file (a data mix keeps a fraction of a source's clips);
+- ``ArraySplit``: columns held in memory (tests, probes, benchmarks of the loop alone).
+
+``SplitReader.batches(order, batch_size)`` reads each unit the order needs once, in the
+order it is first needed, on ``threads`` threads, at most ``prefetch`` batches ahead; a unit
+is dropped after the last batch that uses it, so memory is bounded by the lookahead and the
+plan's shuffle window, never by the split. A ``UnitCache`` keeps units read earlier up to
+``cache_mb`` (a small split is read once per worker and then served from memory; a large
+one saves that fraction of its reads); an epoch whose units are all cached is served in the
+caller's thread. On a GPU, batches are copied into pinned memory in the reader thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitok.platform import storage
+from vitok.platform.read_plan import unit_starts
+from vitok.platform.shard_layout import CLIP_COLUMN, decode_clips
+
+Arrays = dict[str, np.ndarray]
+FOOTER_THREADS = 8
+OPEN_FILES = 64  # per reader thread (each open file keeps its footer in memory)
+
+
+# ----------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class ShardSplit:
+    """Parquet files of one split and their row groups: the units of the plan."""
+
+    files: tuple[str, ...]
+    group_rows: tuple[tuple[int, ...], ...]  # per file: rows in each row group
+    columns: tuple[str, ...]
+    clip_shape: tuple[int, ...] | None = None  # (T, H, W, 3) of a raw clip column
+    keep: tuple[bytes, ...] | None = None  # per file: np.packbits of the kept rows
+
+    @classmethod
+    def from_files(
+        cls,
+        files: Sequence[str],
+        columns: Sequence[str],
+        clip_shape: Sequence[int] | None = None,
+        keep: Sequence[np.ndarray] | None = None,
+    ) -> ShardSplit:
+        """Reads every file's footer (on a few threads) for its row-group sizes."""
+        with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, len(files)))) as pool:
+            group_rows = tuple(pool.map(_group_rows, files))
+        packed = None
+        if keep is not None:
+            packed = tuple(np.packbits(np.asarray(k, bool)).tobytes() for k in keep)
+        shape = tuple(int(v) for v in clip_shape) if clip_shape is not None else None
+        return cls(tuple(files), group_rows, tuple(columns), shape, packed)
+
+    @property
+    def unit_rows(self) -> np.ndarray:
+        """Rows each unit (row group, in file order) contributes, after the keep mask."""
+        if self.keep is None:
+            return np.asarray([r for f in self.group_rows for r in f], np.int64)
+        out = []
+        for rows, mask in zip(self.group_rows, self._masks()):
+            bounds = unit_starts(np.asarray(rows, np.int64))
+            out += [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        return np.asarray(out, np.int64)
+
+    def _masks(self) -> list[np.ndarray]:
+        return [
+            np.unpackbits(np.frombuffer(k, np.uint8), count=sum(rows)).astype(bool)
+            for k, rows in zip(self.keep or (), self.group_rows)
+        ]
+
+    def open(self) -> ParquetUnits:
+        return ParquetUnits(self)
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    """Columns in memory, ``(N, ...)`` each; units of ``rows_per_unit`` rows."""
+
+    arrays: Mapping[str, np.ndarray] = field(hash=False)
+    rows_per_unit: int = 1
+
+    @property
+    def unit_rows(self) -> np.ndarray:
+        n = len(next(iter(self.arrays.values())))
+        full, rest = divmod(n, self.rows_per_unit)
+        return np.asarray([self.rows_per_unit] * full + ([rest] if rest else []), np.int64)
+
+    def open(self) -> ArrayUnits:
+        return ArrayUnits(self)
+
+
+def _group_rows(uri: str) -> tuple[int, ...]:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+    return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+
+
+# ----------------------------------------------------------------------------- unit readers
+class ArrayUnits:
+    """Units of an ``ArraySplit``: slices of its arrays (no bytes are read)."""
+
+    def __init__(self, split: ArraySplit) -> None:
+        self.split = split
+        self.bytes_read = self.footer_bytes = 0
+
+    def read(self, unit: int) -> Arrays:
+        lo = unit * self.split.rows_per_unit
+        return {k: v[lo : lo + self.split.rows_per_unit] for k, v in self.split.arrays.items()}
+
+    def close(self) -> None:
+        pass
+
+
+class ParquetUnits:
+    """Units of a ``ShardSplit``: one row group each, read with ``read_row_group`` on the
+    storage root's filesystem. Thread-safe: every thread opens its own file handles (an
+    LRU of ``OPEN_FILES``) over footers read once per worker. ``bytes_read`` counts the
+    column chunks read from storage, ``footer_bytes`` the footers."""
+
+    def __init__(self, split: ShardSplit) -> None:
+        self.split = split
+        self.unit_file = np.asarray(
+            [i for i, rows in enumerate(split.group_rows) for _ in rows], np.int64
+        )
+        self.unit_group = np.asarray([g for rows in split.group_rows for g in range(len(rows))])
+        self.masks = split._masks() if split.keep is not None else None
+        self.file_starts = [unit_starts(np.asarray(r, np.int64)) for r in split.group_rows]
+        self.bytes_read = 0  # column chunks of the units read
+        self.footer_bytes = 0  # footers, once per file and worker
+        self._meta: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._open: set[Any] = set()  # every thread's open files, closed by close()
+
+    def _metadata(self, index: int) -> Any:
+        with self._lock:
+            meta = self._meta.get(index)
+        if meta is None:
+            import pyarrow.parquet as pq
+
+            fs, path = storage.filesystem(self.split.files[index])
+            with fs.open_input_file(path) as f:
+                meta = pq.ParquetFile(f).metadata
+            with self._lock:
+                if index not in self._meta:
+                    self._meta[index] = meta
+                    self.footer_bytes += meta.serialized_size + 8  # footer, length, magic
+        return meta
+
+    def _file(self, index: int) -> Any:
+        import pyarrow.parquet as pq
+
+        handles = getattr(self._local, "files", None)
+        if handles is None:
+            handles = self._local.files = collections.OrderedDict()
+        if index in handles:
+            handles.move_to_end(index)
+            return handles[index][1]
+        meta = self._metadata(index)
+        fs, path = storage.filesystem(self.split.files[index])
+        raw = fs.open_input_file(path)
+        remote = not storage.is_local(self.split.files[index])
+        handles[index] = (raw, pq.ParquetFile(raw, metadata=meta, pre_buffer=remote))
+        with self._lock:
+            self._open.add(raw)
+        if len(handles) > OPEN_FILES:
+            old = handles.popitem(last=False)[1][0]
+            with self._lock:
+                self._open.discard(old)
+            old.close()
+        return handles[index][1]
+
+    def read(self, unit: int) -> Arrays:
+        index, group = int(self.unit_file[unit]), int(self.unit_group[unit])
+        parquet = self._file(index)
+        table = parquet.read_row_group(group, columns=list(self.split.columns), use_threads=False)
+        chunks = parquet.metadata.row_group(group)
+        size = sum(
+            chunks.column(i).total_compressed_size
+            for i in range(chunks.num_columns)
+            if chunks.column(i).path_in_schema.split(".")[0] in self.split.columns
+        )
+        with self._lock:
+            self.bytes_read += size
+        out = {}
+        for name in self.split.columns:
+            shape = self.split.clip_shape if name == CLIP_COLUMN else None
+            out[name] = decode_clips((table.schema.field(name), table.column(name)), shape)
+        if self.masks is not None:
+            lo, hi = self.file_starts[index][group], self.file_starts[index][group + 1]
+            kept = self.masks[index][lo:hi]
+            out = {k: v[kept] for k, v in out.items()}
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._open = list(self._open), set()
+        for raw in handles:
+            raw.close()
+        self._local = threading.local()
+
+
+# ----------------------------------------------------------------------------- cache
+class UnitCache:
+    """Units read earlier, kept while they fit ``limit_mb`` (first come, never evicted: the
+    content is the same whenever a unit is read, so what is cached changes no order)."""
+
+    def __init__(self, limit_mb: float) -> None:
+        self.limit = int(limit_mb * 2**20)
+        self.size = 0
+        self._units: dict[tuple[str, int], Arrays] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> Arrays | None:
+        return self._units.get(key)
+
+    def offer(self, key: tuple[str, int], arrays: Arrays) -> None:
+        size = sum(a.nbytes for a in arrays.values())
+        with self._lock:
+            if key in self._units or self.size + size > self.limit:
+                return
+            self.size += size
+        # A copy: a view would keep the whole Arrow buffer it came from alive.
+        copy = {k: np.array(v) for k, v in arrays.items()}
+        with self._lock:
+            self._units[key] = copy
+
+
+# ----------------------------------------------------------------------------- reader
+class SplitReader:
+    """Batches of one split for one worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        split: ShardSplit | ArraySplit,
+        name: str = "train",
+        *,
+        threads: int = 2,
+        prefetch: int = 2,
+        cache: UnitCache | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.split, self.name = split, name
+        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.cache = cache or UnitCache(0)
+        self.pin_memory = pin_memory
+        self.units = split.open()
+        self.starts = unit_starts(split.unit_rows)
+        self.num_rows = int(self.starts[-1])
+        self._pool: ThreadPoolExecutor | None = None  # kept across epochs: its threads
+        # keep their open files
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of row groups read from storage so far (footers: ``footer_bytes``)."""
+        return self.units.bytes_read
+
+    @property
+    def footer_bytes(self) -> int:
+        return self.units.footer_bytes
+
+    def batches(
+        self, order: np.ndarray, batch_size: int, *, drop_last: bool = True
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The rows ``order`` names (ids into the split), ``batch_size`` at a time."""
+        order = np.asarray(order, np.int64)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        plan = _BatchPlan(order[:stop], self.starts, batch_size)
+        if all(self.cache.get((self.name, u)) is not None for u in plan.unit_sequence):
+            for b in range(plan.count):  # everything in memory: nothing to overlap
+                yield plan.gather(b, lambda u: self.cache.get((self.name, u)))
+            return
+        yield from self._prefetched(plan)
+
+    def _prefetched(self, plan: _BatchPlan) -> Iterator[dict[str, torch.Tensor]]:
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._produce, args=(plan, out, stop), daemon=True, name="vitok-reader"
+        )
+        thread.start()
+        try:
+            for _ in range(plan.count):
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    out.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
+
+    def _load(self, unit: int) -> Arrays:
+        cached = self.cache.get((self.name, unit))
+        if cached is not None:
+            return cached
+        arrays = self.units.read(unit)
+        self.cache.offer((self.name, unit), arrays)
+        return arrays
+
+    def _produce(self, plan: _BatchPlan, out: queue.Queue, stop: threading.Event) -> None:
+        """Reader thread: submits unit reads up to ``prefetch`` batches ahead, assembles each
+        batch once its units are in, drops units after their last batch."""
+        held: dict[int, Future] = {}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vitok-read")
+        pool = self._pool
+        try:
+            submitted = 0
+            for b in range(plan.count):
+                horizon = plan.first_unit_of_batch(min(b + self.prefetch, plan.count - 1) + 1)
+                while submitted < horizon:
+                    unit = int(plan.unit_sequence[submitted])
+                    held[unit] = pool.submit(self._load, unit)
+                    submitted += 1
+                batch = plan.gather(b, lambda u: held[u].result())
+                for unit in plan.units_last_used_by(b):
+                    held.pop(int(unit), None)
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # noqa: BLE001 - raised in the consumer's thread
+            out.put(err)
+        finally:
+            for future in held.values():  # reads still queued for this plan
+                future.cancel()
+            for future in held.values():
+                if not future.cancelled():
+                    future.exception()  # wait: no read outlives its plan
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.units.close()
+
+
+class _BatchPlan:
+    """The units a list of row ids needs, batch by batch: which unit and offset each row is,
+    the units in order of first use, and after which batch each unit is done."""
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.count = -(-len(order) // batch_size)
+        self.unit = np.searchsorted(starts, order, side="right") - 1
+        self.offset = order - starts[self.unit]
+        first = np.unique(self.unit, return_index=True)[1]
+        self.unit_sequence = self.unit[np.sort(first)]  # units in order of first use
+        first_batch = np.sort(first) // batch_size  # of each unit in that sequence
+        # number of units first needed by batches < b, for every b (and b = count)
+        self._first_counts = np.searchsorted(first_batch, np.arange(self.count + 1))
+        last = len(order) - 1 - np.unique(self.unit[::-1], return_index=True)[1]
+        units = np.unique(self.unit)
+        last_batch = last // batch_size
+        self._done_after = {b: units[last_batch == b] for b in np.unique(last_batch)}
+
+    def first_unit_of_batch(self, b: int) -> int:
+        """How many units of ``unit_sequence`` batches before ``b`` need."""
+        return int(self._first_counts[min(b, self.count)])
+
+    def units_last_used_by(self, b: int) -> np.ndarray:
+        return self._done_after.get(b, np.empty(0, np.int64))
+
+    def gather(self, b: int, unit_arrays: Any) -> dict[str, torch.Tensor]:
+        sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        rows = [unit_arrays(int(u)) for u in self.unit[sl]]
+        out = {}
+        for name in rows[0]:
+            out[name] = torch.from_numpy(
+                np.stack([r[name][o] for r, o in zip(rows, self.offset[sl])])
+            )  # (B, ...)
+        return out
+
+
+__all__ = ["ArraySplit", "ShardSplit", "SplitReader", "UnitCache"]
