@@ -72,16 +72,17 @@ class ToyEvaluator:
 
 
 def toy_batch(batch, training, gen):
-    return {"x": batch["x"].float()}
+    return {"x": batch["x"].float(), "id": batch["id"]}
 
 
 def toy_datasets():
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(4, 16)).astype("float32")
     rows = (rng.normal(size=(256, 4)).astype("float32") @ basis) / 4
+    ids = np.arange(256)  # which row each is, so a test can see the data order
     return {
-        "train": split_from_arrays({"x": rows[:224]}),
-        "val": split_from_arrays({"x": rows[224:]}),
+        "train": split_from_arrays({"x": rows[:224], "id": ids[:224]}),
+        "val": split_from_arrays({"x": rows[224:], "id": ids[224:]}),
     }
 
 
@@ -138,7 +139,7 @@ def toy_job(name: str, tracking: TrackingConfig, run_id: str, zero_stage: int = 
         train=cfg,
         batch_fn=toy_batch,
         make_evaluator=ToyEvaluator,
-        columns=("x",),
+        columns=("x", "id"),
         tracking=tracking,
         run_id=run_id,
     )
@@ -146,21 +147,22 @@ def toy_job(name: str, tracking: TrackingConfig, run_id: str, zero_stage: int = 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tmp_path_factory):
-    """The toy job at ZeRO 0, never killed: (result, MLflow URI, run id)."""
+    """The toy job at ZeRO 0, never killed: (result, MLflow URI, run id, the folder of its
+    rows-<rank> traces)."""
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = TrackingConfig(uri=uri, experiment="toy", system_metrics=False)
     run_id = start_run(tracking, "toy-z0", resume_file=tmp_path / "mlflow_run_id")
-    job = toy_job("toy-z0", tracking, run_id)
+    job = toy_job("toy-z0", tracking, run_id, task=KillOnce(ToyTask(), (), tmp_path))
     result = run_training(job, toy_datasets(), storage_path=tmp_path / "ray")
-    return result, uri, run_id
+    return result, uri, run_id, tmp_path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_toy_training_two_workers_lowers_loss(ray_local, request, tmp_path, mlflow_uri, zero_stage):
     if zero_stage == 0:
-        result, mlflow_uri, run_id = request.getfixturevalue("uninterrupted")
+        result, mlflow_uri, run_id, _ = request.getfixturevalue("uninterrupted")
     else:
         tracking = TrackingConfig(uri=mlflow_uri, experiment="toy", system_metrics=False)
         name = f"toy-z{zero_stage}"
@@ -186,7 +188,8 @@ class KillOnce:
     """Test-side fault: wraps a task and SIGKILLs its own Ray Train worker process (rank 0,
     the one that logs to MLflow) in the middle of each optimizer step of ``at_steps``, once
     per step (a marker file, written first, remembers). Rank 0 appends ``<pid> <step>`` of
-    every step it starts to ``folder/trace``."""
+    every step it starts to ``folder/trace``; every rank appends ``<step> <row ids>`` of
+    every step to ``folder/rows-<rank>``."""
 
     def __init__(self, task, at_steps: tuple[int, ...], folder: Path) -> None:
         self.task, self.at_steps, self.folder = task, at_steps, folder
@@ -194,6 +197,9 @@ class KillOnce:
     def training_step(self, model, batch, step):
         import torch.distributed as dist
 
+        ids = " ".join(str(i) for i in batch["id"].tolist())
+        with open(self.folder / f"rows-{dist.get_rank()}", "a") as fh:
+            fh.write(f"{step} {ids}\n")
         if dist.get_rank() != 0:
             return self.task.training_step(model, batch, step)
         with open(self.folder / "trace", "a") as fh:
@@ -217,8 +223,10 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
 ):
     """SIGKILL of rank 0 in step 22, just after the checkpoint at 20 (most likely before Ray
     Train's controller polled that report), and in step 34 (after the window logged at 30):
-    both times the restarted group resumes at 20, and it ends as the uninterrupted run did
-    (same curve, weights within 1e-5, CPU fp32) in one MLflow run holding each step once."""
+    both times the restarted group resumes at 20, trains every step on the same rows as the
+    uninterrupted run (both ranks, steps run again included), and it ends as the
+    uninterrupted run did (same curve, weights within 1e-5, CPU fp32) in one MLflow run
+    holding each step once."""
     from mlflow.tracking import MlflowClient
 
     tracking = TrackingConfig(uri=mlflow_uri, experiment="toy", system_metrics=False)
@@ -228,11 +236,17 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
     job = toy_job(name, tracking, run_id, task=KillOnce(ToyTask(), (21, 33), tmp_path))
     result = run_training(job, toy_datasets(), storage_path=tmp_path / "ray")
 
+    base, base_uri, base_run, base_rows = uninterrupted
     trace = [line.split() for line in (tmp_path / "trace").read_text().splitlines()]
     first_steps = [int(s) for i, (p, s) in enumerate(trace) if i == 0 or trace[i - 1][0] != p]
     assert first_steps == [0, 20, 20]  # two kills, each resumed from the checkpoint at 20
+    for rank in (0, 1):  # the data order is identical after the kills, on both workers
+        want = dict(_rows_by_step(base_rows / f"rows-{rank}"))
+        got = _rows_by_step(tmp_path / f"rows-{rank}")
+        assert sorted(want) == list(range(TOY_STEPS)) and len(got) > TOY_STEPS
+        assert all(rows == want[step] for step, rows in got), rank
+        assert len({tuple(r) for r in want.values()}) == TOY_STEPS  # batches do differ
     assert load_checkpoint_state(result.checkpoint_dir)["loop"]["step"] == TOY_STEPS
-    base, base_uri, base_run = uninterrupted
     expected = load_model_state(base.checkpoint_dir)
     weights = load_model_state(result.checkpoint_dir)
     assert max((weights[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5
@@ -253,6 +267,15 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
         filter_string=f"attributes.run_name = '{name}'",
     )
     assert len(runs) == 1
+
+
+def _rows_by_step(path: Path) -> list[tuple[int, list[int]]]:
+    """(step, row ids) of every step a worker ran, in the order it ran them."""
+    out = []
+    for line in path.read_text().splitlines():
+        step, *ids = (int(v) for v in line.split())
+        out.append((step, ids))
+    return out
 
 
 def test_train_config_errors_name_their_section():
