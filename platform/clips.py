@@ -225,25 +225,26 @@ def to_model_input(
     x = clips if isinstance(clips, torch.Tensor) else torch.from_numpy(np.array(clips))
     if x.dtype != torch.uint8 or x.ndim != 5 or x.shape[-1] != 3:
         raise ValueError(f"clips must be uint8 (B, T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    b, _, h, w, _ = x.shape
+    b, t, h, w, _ = x.shape
+    ch, cw = (h, w) if crop is None else crop
+    if ch > h or cw > w:
+        raise ValueError(f"crop={tuple(crop)!r} must fit inside the clips' {h}x{w}")
     random_crop = flip if random_crop is None else random_crop
-    if crop is not None and tuple(crop) != (h, w):
-        ch, cw = crop
-        if ch > h or cw > w:
-            raise ValueError(f"crop={tuple(crop)!r} must fit inside the clips' {h}x{w}")
-        if random_crop:
-            top = torch.randint(0, h - ch + 1, (b,), generator=generator).tolist()
-            left = torch.randint(0, w - cw + 1, (b,), generator=generator).tolist()
-            x = torch.stack(
-                [x[i, :, t : t + ch, s : s + cw] for i, (t, s) in enumerate(zip(top, left))]
-            )  # (B, T, ch, cw, 3)
-        else:
-            t, s = (h - ch) // 2, (w - cw) // 2
-            x = x[:, :, t : t + ch, s : s + cw]  # (B, T, ch, cw, 3)
+    if random_crop and (ch, cw) != (h, w):
+        top = torch.randint(0, h - ch + 1, (b,), generator=generator).tolist()
+        left = torch.randint(0, w - cw + 1, (b,), generator=generator).tolist()
+    else:
+        top, left = [(h - ch) // 2] * b, [(w - cw) // 2] * b
+    mirror = [False] * b
     if flip:
-        mirror = torch.rand(b, generator=generator) < 0.5  # (B,)
-        x = torch.where(mirror[:, None, None, None, None], x.flip(3), x)
-    return x.to(dtype) / 127.5 - 1.0
+        mirror = (torch.rand(b, generator=generator) < 0.5).tolist()  # (B,)
+    # One pass per clip: crop (a view), mirror (a copy of that clip only), then converted
+    # straight into the float batch, scaled in place (the arithmetic of x / 127.5 - 1).
+    out = torch.empty((b, t, ch, cw, 3), dtype=dtype)
+    for i in range(b):
+        clip = x[i, :, top[i] : top[i] + ch, left[i] : left[i] + cw]  # (T, ch, cw, 3)
+        out[i].copy_(clip.flip(2) if mirror[i] else clip)
+    return out.div_(127.5).sub_(1.0)
 
 
 def model_batches(
