@@ -1,16 +1,18 @@
 """Which rows each training worker reads in an epoch, and in what order: index arithmetic
 only (no I/O), so every worker computes the same plan from the same row-group table.
 
-A split is a list of units (Parquet row groups; one clip each in the current layout, see
-``shard_layout``), numbered in manifest order, each holding ``rows[u]`` rows; row ids run
-through the units in that order. An epoch:
+A split is a list of units, numbered in manifest order, each holding ``rows[u]`` rows; row
+ids run through the units in that order. A unit is what a reader fetches with one request:
+``read_span`` consecutive Parquet row groups of one file (one clip each in the current
+layout, see ``shard_layout``). An epoch:
 
 1. ``epoch_sequence``: the units in a permutation seeded by (seed, epoch), their rows
    concatenated. It does not depend on the world size.
 2. ``rank_order``: worker ``rank`` of ``world`` takes the contiguous ``1/world`` slice of
-   that sequence (so it reads only its own units, plus at most a row group it shares at
-   each end of its slice) and shuffles it within windows of ``window`` rows (which mixes
-   the rows of a unit holding several clips, in shards of another layout).
+   that sequence (so it reads only its own units, plus at most a unit it shares at each end
+   of its slice) and deals it into batches window by window, so that the rows of one unit
+   (several consecutive clips of a shard, read with one request) land in different
+   batches.
 3. Every worker takes ``(len // world) // batch_size`` batches: the same count everywhere,
    computed from the row table alone, since collectives need equal steps.
 
@@ -54,16 +56,48 @@ def epoch_sequence(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 
 
 def rank_order(
-    sequence: np.ndarray, world: int, rank: int, window: int, key: Sequence[int]
+    sequence: np.ndarray,
+    starts: np.ndarray,
+    *,
+    world: int,
+    rank: int,
+    batch_size: int,
+    window: int,
+    key: Sequence[int],
 ) -> np.ndarray:
-    """Worker ``rank``'s contiguous slice of ``sequence``, shuffled within consecutive
-    windows of ``window`` rows by a generator seeded with ``key`` (+ world and rank)."""
+    """Worker ``rank``'s contiguous slice of ``sequence``, arranged into batches window by
+    window (a generator seeded with ``key``, world and rank):
+
+    in each window of ``window`` rows (rounded up to whole batches), the runs of rows that
+    come from one unit (``starts``: each unit's first row id) are shuffled, then dealt
+    round-robin into the window's batches, whose order is shuffled too. A unit's rows land in
+    different batches as long as it holds at most ``window / batch_size`` of them, so a unit
+    read with one request (several consecutive clips of a shard) puts no two of its clips in
+    one batch. Rows a last short window cannot fill a batch with come last (the caller's
+    dropped tail).
+    """
     n = len(sequence)
     share = sequence[rank * n // world : (rank + 1) * n // world]
-    if window <= 1 or len(share) <= 1:
+    m = len(share)
+    if m == 0:
         return share.copy()
-    noise = _rng(*key, world, rank).random(len(share))
-    return share[np.lexsort((noise, np.arange(len(share)) // window))]
+    rng = _rng(*key, world, rank)
+    size = max(1, -(-max(window, 1) // batch_size)) * batch_size  # whole batches
+    pos = np.arange(m)
+    win = pos // size
+    unit = np.searchsorted(starts, share, side="right") - 1
+    first = np.ones(m, bool)
+    first[1:] = (unit[1:] != unit[:-1]) | (win[1:] != win[:-1])
+    run = np.cumsum(first) - 1  # runs of one unit within one window
+    shuffled = share[np.lexsort((pos, rng.random(run[-1] + 1)[run], win))]
+    at = pos - win * size  # position within the window
+    batches = (np.bincount(win) // batch_size)[win]  # full batches of the row's window
+    dealt = at < batches * batch_size
+    slot = np.where(dealt, at % np.maximum(batches, 1), 0)
+    slot_key = rng.random((int(win[-1]) + 1, size // batch_size))[win, slot]
+    slot_key = np.where(dealt, slot_key, 2.0)  # the leftover rows after every batch
+    within = np.where(dealt, at // np.maximum(batches, 1), at)
+    return shuffled[np.lexsort((within, slot_key, win))]
 
 
 def worker_order(
@@ -80,13 +114,17 @@ def worker_order(
     """The row ids worker ``rank`` trains on in the open segment of ``epoch``, in order,
     ``batches * batch_size`` of them (``batches_in_segment``). ``segments`` are the epoch's
     closed segments, ``(world, batches done)`` each, oldest first."""
+    starts = unit_starts(np.asarray(rows, np.int64))
     remaining = epoch_sequence(rows, seed, epoch)
+    arrange = {"batch_size": batch_size, "window": window}
     for i, (seg_world, done) in enumerate(segments):
         orders = [
-            rank_order(remaining, seg_world, r, window, (seed, epoch, i)) for r in range(seg_world)
+            rank_order(remaining, starts, world=seg_world, rank=r, key=(seed, epoch, i), **arrange)
+            for r in range(seg_world)
         ]
         remaining = np.concatenate([o[done * batch_size :] for o in orders])
-    order = rank_order(remaining, world, rank, window, (seed, epoch, len(segments)))
+    key = (seed, epoch, len(segments))
+    order = rank_order(remaining, starts, world=world, rank=rank, key=key, **arrange)
     batches = (len(remaining) // world) // batch_size
     return order[: batches * batch_size]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from vitok.platform.read_plan import unit_starts
 from vitok.platform.shard_layout import CLIP_COLUMN, decode_clips
 
 Arrays = dict[str, np.ndarray]
+Transform = Callable[[dict[str, torch.Tensor], int], Any]  # (batch, index in the plan)
 FOOTER_THREADS = 8
 OPEN_FILES = 64  # per reader thread (each open file keeps its footer in memory)
 
@@ -70,14 +71,22 @@ class ShardSplit:
 
     @property
     def unit_rows(self) -> np.ndarray:
-        """Rows each unit (row group, in file order) contributes, after the keep mask."""
-        if self.keep is None:
-            return np.asarray([r for f in self.group_rows for r in f], np.int64)
-        out = []
-        for rows, mask in zip(self.group_rows, self._masks()):
-            bounds = unit_starts(np.asarray(rows, np.int64))
-            out += [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-        return np.asarray(out, np.int64)
+        """Rows each row group (in file order) contributes, after the keep mask."""
+        return self.spans(1)[1]
+
+    def spans(self, span: int) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+        """Read units of ``span`` consecutive row groups of one file: ``(file, first group,
+        groups)`` each, and the rows each contributes after the keep mask."""
+        masks = self._masks() if self.keep is not None else None
+        units, rows = [], []
+        for index, groups in enumerate(self.group_rows):
+            bounds = unit_starts(np.asarray(groups, np.int64))
+            for first in range(0, len(groups), span):
+                count = min(span, len(groups) - first)
+                lo, hi = bounds[first], bounds[first + count]
+                units.append((index, first, count))
+                rows.append(int(masks[index][lo:hi].sum()) if masks else int(hi - lo))
+        return units, np.asarray(rows, np.int64)
 
     def _masks(self) -> list[np.ndarray]:
         return [
@@ -85,8 +94,8 @@ class ShardSplit:
             for k, rows in zip(self.keep or (), self.group_rows)
         ]
 
-    def open(self) -> ParquetUnits:
-        return ParquetUnits(self)
+    def open(self, span: int = 1) -> ParquetUnits:
+        return ParquetUnits(self, span)
 
 
 @dataclass(frozen=True)
@@ -98,12 +107,10 @@ class ArraySplit:
 
     @property
     def unit_rows(self) -> np.ndarray:
-        n = len(next(iter(self.arrays.values())))
-        full, rest = divmod(n, self.rows_per_unit)
-        return np.asarray([self.rows_per_unit] * full + ([rest] if rest else []), np.int64)
+        return self.open().unit_rows
 
-    def open(self) -> ArrayUnits:
-        return ArrayUnits(self)
+    def open(self, span: int = 1) -> ArrayUnits:
+        return ArrayUnits(self, span)
 
 
 def _group_rows(uri: str) -> tuple[int, ...]:
@@ -119,30 +126,32 @@ def _group_rows(uri: str) -> tuple[int, ...]:
 class ArrayUnits:
     """Units of an ``ArraySplit``: slices of its arrays (no bytes are read)."""
 
-    def __init__(self, split: ArraySplit) -> None:
-        self.split = split
+    def __init__(self, split: ArraySplit, span: int = 1) -> None:
+        self.split, self.size = split, split.rows_per_unit * span
         self.bytes_read = self.footer_bytes = 0
+        n = len(next(iter(split.arrays.values())))
+        full, rest = divmod(n, self.size)
+        self.unit_rows = np.asarray([self.size] * full + ([rest] if rest else []), np.int64)
 
     def read(self, unit: int) -> Arrays:
-        lo = unit * self.split.rows_per_unit
-        return {k: v[lo : lo + self.split.rows_per_unit] for k, v in self.split.arrays.items()}
+        lo = unit * self.size
+        return {k: v[lo : lo + self.size] for k, v in self.split.arrays.items()}
 
     def close(self) -> None:
         pass
 
 
 class ParquetUnits:
-    """Units of a ``ShardSplit``: one row group each, read with ``read_row_group`` on the
-    storage root's filesystem. Thread-safe: every thread opens its own file handles (an
-    LRU of ``OPEN_FILES``) over footers read once per worker. ``bytes_read`` counts the
-    column chunks read from storage, ``footer_bytes`` the footers."""
+    """Units of a ``ShardSplit``: ``span`` consecutive row groups of a file each, read with
+    one ``read_row_groups`` (one request on object storage: the column chunks of
+    consecutive row groups lie together) on the storage root's filesystem. Thread-safe:
+    every thread opens its own file handles (an LRU of ``OPEN_FILES``) over footers read
+    once per worker. ``bytes_read`` counts the column chunks read from storage,
+    ``footer_bytes`` the footers."""
 
-    def __init__(self, split: ShardSplit) -> None:
+    def __init__(self, split: ShardSplit, span: int = 1) -> None:
         self.split = split
-        self.unit_file = np.asarray(
-            [i for i, rows in enumerate(split.group_rows) for _ in rows], np.int64
-        )
-        self.unit_group = np.asarray([g for rows in split.group_rows for g in range(len(rows))])
+        self.spans, self.unit_rows = split.spans(span)
         self.masks = split._masks() if split.keep is not None else None
         self.file_starts = [unit_starts(np.asarray(r, np.int64)) for r in split.group_rows]
         self.bytes_read = 0  # column chunks of the units read
@@ -191,15 +200,19 @@ class ParquetUnits:
         return handles[index][1]
 
     def read(self, unit: int) -> Arrays:
-        index, group = int(self.unit_file[unit]), int(self.unit_group[unit])
+        index, first, count = self.spans[unit]
         parquet = self._file(index)
-        table = parquet.read_row_group(group, columns=list(self.split.columns), use_threads=False)
-        chunks = parquet.metadata.row_group(group)
-        size = sum(
-            chunks.column(i).total_compressed_size
-            for i in range(chunks.num_columns)
-            if chunks.column(i).path_in_schema.split(".")[0] in self.split.columns
-        )
+        groups = list(range(first, first + count))
+        columns = list(self.split.columns)
+        table = parquet.read_row_groups(groups, columns=columns, use_threads=False)
+        size = 0
+        for group in groups:
+            chunks = parquet.metadata.row_group(group)
+            size += sum(
+                chunks.column(i).total_compressed_size
+                for i in range(chunks.num_columns)
+                if chunks.column(i).path_in_schema.split(".")[0] in columns
+            )
         with self._lock:
             self.bytes_read += size
         out = {}
@@ -207,7 +220,7 @@ class ParquetUnits:
             shape = self.split.clip_shape if name == CLIP_COLUMN else None
             out[name] = decode_clips((table.schema.field(name), table.column(name)), shape)
         if self.masks is not None:
-            lo, hi = self.file_starts[index][group], self.file_starts[index][group + 1]
+            lo, hi = self.file_starts[index][first], self.file_starts[index][first + count]
             kept = self.masks[index][lo:hi]
             out = {k: v[kept] for k, v in out.items()}
         return out
@@ -255,6 +268,7 @@ class SplitReader:
         split: ShardSplit | ArraySplit,
         name: str = "train",
         *,
+        span: int = 1,
         threads: int = 2,
         prefetch: int = 2,
         cache: UnitCache | None = None,
@@ -264,8 +278,9 @@ class SplitReader:
         self.threads, self.prefetch = max(1, threads), max(1, prefetch)
         self.cache = cache or UnitCache(0)
         self.pin_memory = pin_memory
-        self.units = split.open()
-        self.starts = unit_starts(split.unit_rows)
+        self.units = split.open(span)
+        self.unit_rows = self.units.unit_rows  # the plan's units: one read each
+        self.starts = unit_starts(self.unit_rows)
         self.num_rows = int(self.starts[-1])
         self._pool: ThreadPoolExecutor | None = None  # kept across epochs: its threads
         # keep their open files
@@ -280,23 +295,34 @@ class SplitReader:
         return self.units.footer_bytes
 
     def batches(
-        self, order: np.ndarray, batch_size: int, *, drop_last: bool = True
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """The rows ``order`` names (ids into the split), ``batch_size`` at a time."""
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        *,
+        drop_last: bool = True,
+        transform: Transform | None = None,
+    ) -> Iterator[Any]:
+        """The rows ``order`` names (ids into the split), ``batch_size`` at a time, each
+        passed through ``transform(batch, index)`` when given (in the reader thread, so a
+        batch's crops and flips overlap the step too)."""
         order = np.asarray(order, np.int64)
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         plan = _BatchPlan(order[:stop], self.starts, batch_size)
+        transform = transform or _unchanged
         if all(self.cache.get((self.name, u)) is not None for u in plan.unit_sequence):
             for b in range(plan.count):  # everything in memory: nothing to overlap
-                yield plan.gather(b, lambda u: self.cache.get((self.name, u)))
+                yield transform(plan.gather(b, lambda u: self.cache.get((self.name, u))), b)
             return
-        yield from self._prefetched(plan)
+        yield from self._prefetched(plan, transform)
 
-    def _prefetched(self, plan: _BatchPlan) -> Iterator[dict[str, torch.Tensor]]:
+    def _prefetched(self, plan: _BatchPlan, transform: Transform) -> Iterator[Any]:
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(
-            target=self._produce, args=(plan, out, stop), daemon=True, name="vitok-reader"
+            target=self._produce,
+            args=(plan, transform, out, stop),
+            daemon=True,
+            name="vitok-reader",
         )
         thread.start()
         try:
@@ -322,7 +348,9 @@ class SplitReader:
         self.cache.offer((self.name, unit), arrays)
         return arrays
 
-    def _produce(self, plan: _BatchPlan, out: queue.Queue, stop: threading.Event) -> None:
+    def _produce(
+        self, plan: _BatchPlan, transform: Transform, out: queue.Queue, stop: threading.Event
+    ) -> None:
         """Reader thread: submits unit reads up to ``prefetch`` batches ahead, assembles each
         batch once its units are in, drops units after their last batch."""
         held: dict[int, Future] = {}
@@ -340,8 +368,12 @@ class SplitReader:
                 batch = plan.gather(b, lambda u: held[u].result())
                 for unit in plan.units_last_used_by(b):
                     held.pop(int(unit), None)
+                batch = transform(batch, b)
                 if self.pin_memory:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    batch = {
+                        k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                        for k, v in batch.items()
+                    }
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)
@@ -364,6 +396,10 @@ class SplitReader:
             self._pool.shutdown(wait=True)
             self._pool = None
         self.units.close()
+
+
+def _unchanged(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    return batch
 
 
 class _BatchPlan:

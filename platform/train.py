@@ -81,10 +81,14 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 0
     log_every: int = 10
-    # Each worker shuffles its share of an epoch (whose units, one clip each in the current
-    # shard layout, are already in a global random order) within windows of this many rows:
-    # it mixes the clips of a row group holding several (shards of another layout).
+    # A worker reads read_span consecutive row groups of a shard (clips, in the current
+    # layout) with one request; each epoch permutes these units globally, and each worker
+    # deals its share into batches within windows of shuffle_buffer rows (at least
+    # read_span * batch_size), so that no two clips of one unit share a batch. 0 = 1 on a
+    # file system, 8 on object storage (whose requests cost latency: read_span 8 makes 8x
+    # fewer, at the price of a window's batches drawing on the same units).
     shuffle_buffer: int = 64
+    read_span: int = 0
     # Row groups a worker has read are kept in memory up to this many MB: a small split is
     # read once per worker and then served from memory (a small dataset runs hundreds of
     # epochs), a larger one saves that fraction of its reads. 0 reads every epoch anew.
@@ -101,6 +105,7 @@ class TrainConfig:
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("read_threads", "prefetch_batches"):
             check_positive(f"train.{name}", getattr(self, name))
+        check_positive("train.read_span", self.read_span, allow_zero=True)
         for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         check_positive("train.lr", self.lr)

@@ -11,11 +11,20 @@ or split coordinator process per run, and nothing to fast-forward.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
+from vitok.platform import storage
 from vitok.platform.read_plan import batches_in_segment, contiguous_part, worker_order
-from vitok.platform.shard_reader import ArraySplit, ShardSplit, SplitReader, UnitCache
+from vitok.platform.shard_reader import (
+    ArraySplit,
+    ShardSplit,
+    SplitReader,
+    Transform,
+    UnitCache,
+)
 from vitok.platform.train import TrainConfig
 
 Split = ShardSplit | ArraySplit
@@ -37,11 +46,13 @@ class WorkerData:
     ) -> None:
         check_splits(splits)
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.span = cfg.read_span or default_span(splits["train"])
         cache = UnitCache(cfg.cache_mb)
         self.readers = {
             name: SplitReader(
                 split,
                 name,
+                span=self.span,
                 threads=cfg.read_threads,
                 prefetch=cfg.prefetch_batches,
                 cache=cache,
@@ -49,29 +60,39 @@ class WorkerData:
             )
             for name, split in splits.items()
         }
-        self.unit_rows = splits["train"].unit_rows
+        self.unit_rows = self.readers["train"].unit_rows  # the plan's units: one read each
+        self.window = max(cfg.shuffle_buffer, self.span * cfg.batch_size)
 
     def batches_in_epoch(self, segments: Segments = ()) -> int:
         """Batches this worker (and every other) takes in the epoch's open segment."""
         return batches_in_segment(self.unit_rows, self.world, self.cfg.batch_size, segments)
 
-    def train_batches(
-        self, epoch: int, segments: Segments = (), start: int = 0
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """This worker's batches of ``epoch`` from batch ``start`` of the open segment on;
-        nothing before ``start`` is read."""
+    def order(self, epoch: int, segments: Segments = ()) -> np.ndarray:
+        """Row ids this worker trains on in the epoch's open segment, in order (no I/O)."""
         cfg = self.cfg
-        order = worker_order(
+        return worker_order(
             self.unit_rows,
             seed=cfg.seed,
             epoch=epoch,
             world=self.world,
             rank=self.rank,
             batch_size=cfg.batch_size,
-            window=cfg.shuffle_buffer,
+            window=self.window,
             segments=segments,
         )
-        return self.readers["train"].batches(order[start * cfg.batch_size :], cfg.batch_size)
+
+    def train_batches(
+        self,
+        epoch: int,
+        segments: Segments = (),
+        start: int = 0,
+        transform: Transform | None = None,
+    ) -> Iterator[Any]:
+        """This worker's batches of ``epoch`` from batch ``start`` of the open segment on
+        (nothing before it is read), each through ``transform(batch, i)`` in the reader
+        thread, ``i`` counting from ``start``'s batch as 0."""
+        order = self.order(epoch, segments)[start * self.cfg.batch_size :]
+        return self.readers["train"].batches(order, self.cfg.batch_size, transform=transform)
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This worker's contiguous part of the "val" split, in stored order, the last batch
@@ -87,6 +108,16 @@ class WorkerData:
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
+
+
+REMOTE_SPAN = 8  # row groups per read on object storage (train.read_span=0)
+
+
+def default_span(split: Split) -> int:
+    """``train.read_span=0``: one row group per read on a file system (local disk, a shared
+    mount), ``REMOTE_SPAN`` on object storage, where each request waits on latency."""
+    files = getattr(split, "files", ())
+    return REMOTE_SPAN if any(not storage.is_local(f) for f in files) else 1
 
 
 def check_splits(splits: Mapping[str, object]) -> None:
@@ -108,8 +139,6 @@ def check_splits(splits: Mapping[str, object]) -> None:
 
 def split_from_arrays(arrays: Mapping[str, object], rows_per_unit: int = 1) -> ArraySplit:
     """An ``ArraySplit`` of numpy-convertible columns (tests, probes, loop benchmarks)."""
-    import numpy as np
-
     return ArraySplit({k: np.asarray(v) for k, v in arrays.items()}, rows_per_unit)
 
 

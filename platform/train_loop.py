@@ -254,7 +254,13 @@ class Loop:
                 f"{self.cfg.batch_size} per worker ({self.world} workers); add data or lower "
                 "train.batch_size"
             )
-        batches = self.data.train_batches(state["epoch"], segments, state["batch_in_epoch"])
+        first = state["step"] * self.cfg.grad_accum + self.micro  # micro step of batch 0
+        batches = self.data.train_batches(
+            state["epoch"],
+            segments,
+            state["batch_in_epoch"],
+            transform=lambda batch, i: self.prepare_batch(batch, first + i),
+        )
         with contextlib.closing(batches):
             for batch in batches:
                 state["batch_in_epoch"] += 1
@@ -264,15 +270,19 @@ class Loop:
         state["batch_in_epoch"] = 0
         state["segments"] = []
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
-        """One micro step; True when it completed an optimizer step."""
+    def prepare_batch(self, batch: dict[str, torch.Tensor], micro_step: int) -> dict:
+        """The task's batch of micro step ``micro_step`` (its crops and flips drawn from a
+        generator seeded by it): run in the reader thread, ahead of the step."""
+        gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, self.rank, micro_step))
+        return self.job.batch_fn(_select(batch, self.job.columns), True, gen)
+
+    def train_step(self, model_batch: dict[str, torch.Tensor]) -> bool:
+        """One micro step on a prepared batch; True when it completed an optimizer step."""
         job, cfg, worker, step = self.job, self.cfg, self.worker, self.state["step"]
         started = time.perf_counter()
         self.first_step_at = self.first_step_at or time.time()
         micro_step = step * cfg.grad_accum + self.micro  # each micro batch its own draws
         torch.manual_seed(_step_seed(cfg.seed, self.rank, micro_step))
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.rank, micro_step))
-        model_batch = job.batch_fn(_select(batch, job.columns), True, gen)
         model_batch = _to_device(model_batch, worker.device, worker.dtype)
         loss, logs = job.task.training_step(worker.model, model_batch, step)
         losses = named_losses(loss, worker.parts)

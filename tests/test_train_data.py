@@ -79,7 +79,7 @@ def split(tmp_path_factory) -> ShardSplit:
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"batch_size": 4, "seed": 3, "cache_mb": 0, **kw})
+    return TrainConfig(**{"batch_size": 4, "seed": 3, "cache_mb": 0, "read_span": 1, **kw})
 
 
 def _epoch(split, cfg, world, epoch=0, segments=(), start=0):
@@ -106,19 +106,19 @@ def test_the_order_is_a_function_of_seed_epoch_world_and_rank(split):
         assert len(seen) == len(set(seen)) > n - world * cfg.batch_size  # each clip once
         assert epoch0 != _epoch(split, cfg, world, epoch=1)[0]  # a new order each epoch
         assert epoch0 != _epoch(split, _cfg(seed=4), world)[0]
-    # The epoch's global sequence does not depend on the world size.
-    one = worker_order(split.unit_rows, seed=3, epoch=0, world=1, rank=0, batch_size=1, window=1)
-    two = [
-        worker_order(split.unit_rows, seed=3, epoch=0, world=2, rank=r, batch_size=1, window=1)
-        for r in (0, 1)
-    ]
-    assert np.array_equal(np.concatenate(two), one[: len(two[0]) * 2])
+    # The epoch's global sequence does not depend on the world size: two workers take its
+    # halves (each arranged in its own batches).
+    one = read_plan.epoch_sequence(split.unit_rows, 3, 0)
+    two = [WorkerData({"train": split}, cfg, r, 2).order(0) for r in (0, 1)]
+    half = len(one) // 2
+    assert set(two[0]) <= set(one[:half]) and set(two[1]) <= set(one[half:])
 
 
 # ----------------------------------------------------------------------------- bytes
 def test_bytes_read_per_worker_fall_as_one_over_world(split):
     """Each worker reads its share (at most 1.1 x split / world, plus one row group) at world
-    1, 2, 4 and 8, so what a worker reads falls as 1/world."""
+    1, 2, 4 and 8, so what a worker reads falls as 1/world (one row group per read here; a
+    read of ``read_span`` row groups adds at most one such read at each end of a share)."""
     cfg = _cfg(batch_size=2)
     total = sum(
         pq.ParquetFile(f).metadata.row_group(g).total_byte_size
@@ -188,20 +188,10 @@ def test_a_restart_at_another_world_size_sees_each_clip_once_per_epoch(split):
 # ----------------------------------------------------------------------------- shuffle
 def _pair_ratio(split, videos, world, batch_size, epochs=4, **kw) -> float:
     cfg = _cfg(batch_size=batch_size, **kw)
+    workers = [WorkerData({"train": split}, cfg, r, world) for r in range(world)]
     shares = []
     for epoch in range(epochs):
-        orders = [
-            worker_order(
-                split.unit_rows,
-                seed=cfg.seed,
-                epoch=epoch,
-                world=world,
-                rank=r,
-                batch_size=batch_size,
-                window=cfg.shuffle_buffer,
-            ).reshape(-1, batch_size)
-            for r in range(world)
-        ]
+        orders = [w.order(epoch).reshape(-1, batch_size) for w in workers]
         global_batches = np.concatenate(orders, axis=1)  # (batches, world * batch_size)
         shares.append(same_group_pair_share([videos[b] for b in global_batches]))
     return float(np.mean(shares)) / uniform_pair_share(videos)
@@ -217,6 +207,10 @@ def test_the_shuffle_mixes_videos_like_a_uniform_permutation(tmp_path):
     for world in (1, 4):
         ratio = _pair_ratio(split, videos, world, batch_size=32 // world)
         assert 0.5 < ratio < 2.0, (world, ratio)
+        # 8 consecutive clips per read (object storage): the plan deals them into different
+        # batches, so a batch holds fewer pairs of one video than a uniform permutation's.
+        ratio = _pair_ratio(split, videos, world, batch_size=32 // world, read_span=8)
+        assert ratio < 1.0, (world, ratio)
     # Stored order (what a read without the permutation gives) puts them together: the
     # same check fails by a wide margin.
     stored = videos[: len(videos) // 32 * 32].reshape(-1, 32)
@@ -233,7 +227,7 @@ def test_row_groups_of_several_clips_are_read_whole_and_mixed_within_the_window(
     seen = [r for w in rows for batch in w for r in batch]
     assert len(seen) == len(set(seen)) > len(videos) - 8
     mixed = _pair_ratio(split, videos, 2, batch_size=8, shuffle_buffer=64)
-    unmixed = _pair_ratio(split, videos, 2, batch_size=8, shuffle_buffer=1)
+    unmixed = _pair_ratio(split, videos, 2, batch_size=8, shuffle_buffer=8)
     assert mixed < unmixed / 2
 
 
@@ -279,14 +273,18 @@ def test_in_memory_splits_and_what_a_job_may_pass():
 def test_plan_segments_consume_a_prefix_of_nothing_twice():
     """The plan alone (no I/O): after closed segments, the open one's rows are exactly the
     rows no earlier segment consumed (less the short tails)."""
-    rows = np.ones(103, np.int64)
+    rows = np.full(26, 4, np.int64)  # units of 4 rows
     consumed = []
     for r in range(2):
-        order = worker_order(rows, seed=1, epoch=2, world=2, rank=r, batch_size=5, window=8)
+        order = worker_order(rows, seed=1, epoch=2, world=2, rank=r, batch_size=5, window=20)
         consumed += order[: 3 * 5].tolist()
+        # Each full window deals a unit's rows into different batches (a unit holds 4 rows,
+        # a window of 20 rows 4 batches; a short last window has fewer).
+        for batch in order[: len(order) // 20 * 20].reshape(-1, 5):
+            assert len(set((batch // 4).tolist())) == 5, batch
     rest = [
         worker_order(
-            rows, seed=1, epoch=2, world=3, rank=r, batch_size=5, window=8, segments=[(2, 3)]
+            rows, seed=1, epoch=2, world=3, rank=r, batch_size=5, window=20, segments=[(2, 3)]
         )
         for r in range(3)
     ]
