@@ -2,7 +2,7 @@
 
     python pipelines/benchmark.py data            # preprocessing: Ray Data vs a plain loop
     python pipelines/benchmark.py data --synthetic-videos 48 --size 128
-    python pipelines/benchmark.py ingest          # per-worker read work of the training split
+    python pipelines/benchmark.py ingest          # the training read path (bench_read.py)
     python pipelines/benchmark.py faults          # the fault table (vitok.platform.faults)
     python pipelines/benchmark.py faults --only claim,shard
     python pipelines/benchmark.py all             # every benchmark with its defaults
@@ -317,64 +317,20 @@ def _bare_seconds_per_step(args, variant: str, size: tuple[int, int, int], worke
 
 # ----------------------------------------------------------------------------- ingest
 def _ingest_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="96@4x32x32,2000@16x64x64", help="CLIPS@TxHxW, ...")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8, help="per worker")
+    from vitok.pipelines.bench_read import arguments
+
+    arguments(p)
 
 
-def _epoch(iterator, global_batch: int, keep: slice, out: list, i: int) -> None:
-    t, rows = time.perf_counter(), 0
-    for batch in iterator.iter_torch_batches(batch_size=global_batch, drop_last=True):
-        rows += len(batch["data"])
-        batch["data"][keep]  # (batch_size, T, H, W, 3): what this worker trains on
-    out[i] = (rows, time.perf_counter() - t)
-
-
-@benchmark("ingest", "per-worker read work: streaming split vs ordered read", _ingest_arguments)
+@benchmark(
+    "ingest",
+    "the training read path against a plain pyarrow loop, local and S3, and clip encodings",
+    _ingest_arguments,
+)
 def bench_ingest(args: argparse.Namespace) -> None:
-    """One epoch of Parquet clips on ``--workers`` threads: Ray Train's streaming split (each
-    worker reads its share) against every worker reading the whole split in order and keeping
-    its slice of each global batch (what the worker loop does, for a resumable order)."""
-    import threading
+    from vitok.pipelines.bench_read import run
 
-    import numpy as np
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, log_to_driver=False)
-    world, bs = args.workers, args.batch_size
-    work = Path(tempfile.mkdtemp(prefix="vitok-bench-ingest-"))
-    print(
-        f"{'clips':>6} {'clip':<10} {'read':<8} {'rows/worker':>11} {'MB/worker':>9} {'s/epoch':>8}"
-    )
-    for spec in args.sizes.split(","):
-        n, _, shape = spec.partition("@")
-        shape = tuple(int(v) for v in shape.split("x")) + (3,)
-        clips = np.random.default_rng(0).integers(0, 256, (int(n), *shape), dtype=np.uint8)
-        folder = work / spec.replace("@", "-")
-        ray.data.from_numpy(clips).repartition(max(2, int(n) // 100)).write_parquet(str(folder))
-        ds = ray.data.read_parquet(str(folder))  # read again by every epoch
-        for mode in ("split", "ordered"):
-            if mode == "split":
-                jobs = [(it, bs, slice(None)) for it in ds.streaming_split(world, equal=True)]
-            else:
-                ds.context.execution_options.preserve_order = True
-                jobs = [
-                    (ds.iterator(), bs * world, slice(r * bs, (r + 1) * bs)) for r in range(world)
-                ]
-            out: list = [None] * world
-            threads = [
-                threading.Thread(target=_epoch, args=(*j, out, i)) for i, j in enumerate(jobs)
-            ]
-            t = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            seconds, rows = time.perf_counter() - t, out[0][0]
-            mb, size = rows * clips[0].nbytes / 1e6, "x".join(map(str, shape[:3]))
-            print(f"{n:>6} {size:<10} {mode:<8} {rows:>11} {mb:>9.1f} {seconds:>8.2f}")
-    shutil.rmtree(work, ignore_errors=True)
+    run(args)
 
 
 # ----------------------------------------------------------------------------- faults

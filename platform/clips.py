@@ -17,7 +17,7 @@ import torch
 from vitok.platform import storage
 from vitok.platform.shard_checks import read_parquet_columns
 from vitok.platform.shard_layout import CLIP_COLUMN, decode_batch, decode_clips
-from vitok.platform.shard_reader import ShardSplit
+from vitok.platform.shard_splits import ShardSplit
 
 if TYPE_CHECKING:
     from vitok.platform.data import PreparedData

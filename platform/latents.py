@@ -29,7 +29,7 @@ import torch
 from vitok.platform import storage
 from vitok.platform.data import LIGHT_TASK_CPUS, read_shards
 from vitok.platform.shard_layout import parquet_write_options
-from vitok.platform.shard_reader import ShardSplit
+from vitok.platform.shard_splits import ShardSplit
 
 MANIFEST_FILE = "latents.json"
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]

@@ -95,7 +95,7 @@ class TrainConfig:
     cache_mb: int = 1024
     # Reader threads per worker (row groups read at once: more for object storage, whose
     # requests wait on latency) and batches read ahead of the step.
-    read_threads: int = 2
+    read_threads: int = 4
     prefetch_batches: int = 2
     seed: int = 0
     max_failures: int = 2
