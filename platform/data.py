@@ -30,7 +30,7 @@ from vitok.platform.clips import (
     read_shards,
     to_model_input,
 )
-from vitok.platform.config import check_positive, check_range, to_dict
+from vitok.platform.config import check_choice, check_positive, check_range, to_dict
 from vitok.platform.ingest import (
     FAULTS_ENV,
     RejectedSourceError,
@@ -97,6 +97,11 @@ class DataConfig:
     # Above this fraction of one source's files rejected, prepare stops: a wrong path or
     # codec, not bad luck. 1.0 never stops.
     max_reject_fraction: float = 0.5
+    # How a clip is stored: "raw" uint8 bytes, or "jpeg" per frame (clip_quality 1-100):
+    # 8-13x fewer bytes at 128-256 px for about 3 decode cores per GPU (benchmark.py
+    # ingest prints both), for where storage bandwidth binds. Lossy (about 38-41 dB).
+    clip_encoding: str = "raw"
+    clip_quality: int = 90
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -135,6 +140,13 @@ class DataConfig:
         check_positive("synthetic_fps", self.synthetic_fps)
         check_positive("decode_timeout_s", self.decode_timeout_s, allow_zero=True)
         check_range("max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
+        check_choice("clip_encoding", self.clip_encoding, ("raw", "jpeg"))
+        check_range("clip_quality", self.clip_quality, 1, 100)
+        if self.clip_encoding == "raw" and self.clip_quality != 90:
+            raise ValueError(
+                f"clip_quality={self.clip_quality} acts only with clip_encoding='jpeg' "
+                f"(clip_encoding={self.clip_encoding!r} stores clips losslessly)"
+            )
 
     def clip_spec(self) -> ClipSpec:
         return ClipSpec(

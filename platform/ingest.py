@@ -249,6 +249,8 @@ def decode_pass(
         write_shards(
             ds,
             storage.join(work, "shards"),
+            encoding=cfg.clip_encoding,
+            quality=cfg.clip_quality,
             remote_args={"num_cpus": 1, "max_retries": 0 if retry else 1},
             partition_cols=["split"],
             mode="append" if retry else "overwrite",
