@@ -195,6 +195,9 @@ class Evaluator(Protocol):
     def compute(self) -> dict[str, float]: ...
 
 
+# (batch, training, generator) -> the task's batch. A training batch is prepared in the reader
+# thread ahead of its step, so a batch function draws only from the generator it is given
+# (seeded by the micro step), never from torch's global generator.
 BatchFn = Callable[[dict[str, torch.Tensor], bool, torch.Generator], dict[str, torch.Tensor]]
 
 
