@@ -8,7 +8,8 @@ into a torch tensor: the machine's limit), then ``world`` reader processes at on
 worker's ``SplitReader`` over its share of an epoch, each batch cropped, flipped and
 scaled to [-1, 1] as the training step's batch function does). Per row: MB read per worker
 against its share, clips/s and MB/s per worker and all together, time to the first batch,
-the same-video pair share of the plan's global batches against a uniform permutation's, and
+the most Arrow memory a worker held at once (its buffer, against its share), the
+same-video pair share of the plan's global batches against a uniform permutation's, and
 what one GPU consumes (clips/s of the variant at 40% MFU on an H100, from ``model_stats``).
 Then the clip encodings (raw, JPEG, WebP per frame) on real clips: bytes per clip and
 decode clips/s on one core.
@@ -142,6 +143,7 @@ def _config(opts: dict[str, Any]) -> Any:
 def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[str, Any]:
     """One worker's epoch, as the training loop reads it (``WorkerData``), each batch cropped,
     flipped and scaled as the tokenizer's batch function does."""
+    import pyarrow as pa
     import torch
 
     from vitok.platform.clips import to_model_input
@@ -151,11 +153,12 @@ def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[
     _, h, w, _ = split.clip_shape
     data = WorkerData({"train": split}, _config(opts), rank, world)
     gen = torch.Generator().manual_seed(rank)
-    io_before, begin, clips, first = _rchar(), time.time(), 0, None
+    io_before, begin, clips, first, held = _rchar(), time.time(), 0, None, 0
     for batch in data.train_batches(0):
         x = to_model_input(batch["clip"], crop=(h * 7 // 8, w * 7 // 8), flip=True, generator=gen)
         clips += len(x)
         first = first or time.time() - begin
+        held = max(held, pa.total_allocated_bytes())  # Arrow buffers the reader holds
     end = time.time()
     reader = data.readers["train"]
     data.close()
@@ -166,6 +169,7 @@ def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[
         "first_batch_s": first,
         "bytes": reader.bytes_read + reader.footer_bytes,
         "rchar": _rchar() - io_before,
+        "arrow_mb": held / 1e6,
     }
 
 
@@ -223,6 +227,7 @@ def measure(pool, split, videos, shape, source: str, args, plain: tuple[int, flo
             "mb_per_s_per_worker": float(np.mean(per_worker)) * clip_mb,
             "plain_clips_per_s": plain[0] / plain[1],
             "first_batch_s": max(o["first_batch_s"] for o in out),
+            "peak_arrow_mb_per_worker": max(o["arrow_mb"] for o in out),
             "same_video_pair_ratio": shuffle_ratio(split, videos, world, opts),
             "gpu_clips_per_s": demand,
             "gpu_mb_per_s": demand * clip_mb,
@@ -236,7 +241,8 @@ def measure(pool, split, videos, shape, source: str, args, plain: tuple[int, flo
 HEADER = (
     f"{'source':<6} {'clip':<10} {'world':>5} {'MB read/worker':>14} {'share':>7} "
     f"{'clips/s':>8} {'MB/s':>6} {'per worker':>10} {'plain':>7} {'of plain':>8} "
-    f"{'1st batch s':>11} {'pairs/unif':>10} {'GPU clips/s':>11} {'GPU MB/s':>8}"
+    f"{'1st batch s':>11} {'held MB':>7} {'pairs/unif':>10} {'GPU clips/s':>11} "
+    f"{'GPU MB/s':>8}"
 )
 
 
@@ -245,7 +251,8 @@ def print_row(r: dict[str, Any]) -> None:
         f"{r['source']:<6} {r['clip']:<10} {r['world']:>5} {r['mb_read_per_worker']:>14.1f} "
         f"{r['mb_share_per_worker']:>7.1f} {r['clips_per_s']:>8.0f} {r['mb_per_s']:>6.0f} "
         f"{r['clips_per_s_per_worker']:>10.0f} {r['plain_clips_per_s']:>7.0f} "
-        f"{r['of_plain']:>7.0%} {r['first_batch_s']:>11.2f} {r['same_video_pair_ratio']:>10.2f} "
+        f"{r['of_plain']:>7.0%} {r['first_batch_s']:>11.2f} "
+        f"{r['peak_arrow_mb_per_worker']:>7.0f} {r['same_video_pair_ratio']:>10.2f} "
         f"{r['gpu_clips_per_s']:>11.0f} {r['gpu_mb_per_s']:>8.0f}",
         flush=True,
     )
