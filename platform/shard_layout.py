@@ -125,7 +125,10 @@ def decode_clips(column: Any, shape: Sequence[int] | None = None) -> np.ndarray:
     if isinstance(column, tuple):
         field, column = column
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        if column.num_chunks != 1:  # one array per chunk, then one copy
+            parts = [decode_clips((field, c) if field else c, shape) for c in column.chunks]
+            return np.concatenate(parts) if parts else np.zeros((0, *(shape or ())), np.uint8)
+        column = column.chunk(0)  # (combine_chunks would copy even a single chunk)
     n = len(column)
     if isinstance(column.type, pa.ExtensionType):
         shape = getattr(column.type, "shape", None) or shape

@@ -205,7 +205,11 @@ class ParquetUnits:
         groups = list(range(first, first + count))
         columns = list(self.split.columns)
         table = parquet.read_row_groups(groups, columns=columns, use_threads=False)
-        size = int(self._sizes[index][first : first + count].sum())
+        size = (
+            int(self._sizes[index][first])
+            if count == 1
+            else int(self._sizes[index][first : first + count].sum())
+        )
         with self._lock:
             self.bytes_read += size
         out = {}
