@@ -6,11 +6,12 @@ video, as prepare writes them: ``shard_layout``), times a plain single-thread py
 over the files (``ParquetFile.iter_batches``, the clip column viewed as uint8 and copied
 into a torch tensor: the machine's limit), then ``world`` reader processes at once (the
 worker's ``SplitReader`` over its share of an epoch, each batch cropped, flipped and
-scaled to [-1, 1] as the training step's batch function does). Per row: MB read per worker
-against its share, clips/s and MB/s per worker and all together, time to the first batch,
-the most Arrow memory a worker held at once (its buffer, against its share), the
-same-video pair share of the plan's global batches against a uniform permutation's, and
-what one GPU consumes (clips/s of the variant at 40% MFU on an H100, from ``model_stats``).
+scaled to [-1, 1] in the reader thread, where the training loop runs the batch function).
+Per row: MB read per worker against its share, clips/s and MB/s per worker and all
+together, time to the first batch, the most Arrow memory a worker held at once (its buffer,
+against its share), the same-video pair share of the plan's global batches against a
+uniform permutation's, and what one GPU consumes (clips/s of the variant at 40% MFU on an
+H100, from ``model_stats``).
 Then the clip encodings (raw, JPEG, WebP per frame) on real clips: bytes per clip and
 decode clips/s on one core.
 """
@@ -46,7 +47,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worlds", default="1,2,4,8")
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--batch-size", type=int, default=8, help="per worker")
-    p.add_argument("--read-threads", type=int, default=4, help="reader threads per worker")
+    p.add_argument("--read-threads", type=int, default=0, help="reader threads (0: auto)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead")
     p.add_argument("--read-span", type=int, default=0, help="row groups a read (0: auto)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each row; the best counts")
@@ -152,10 +153,15 @@ def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[
     torch.set_num_threads(1)
     _, h, w, _ = split.clip_shape
     data = WorkerData({"train": split}, _config(opts), rank, world)
-    gen = torch.Generator().manual_seed(rank)
+
+    def augment(batch: dict[str, Any], i: int) -> torch.Tensor:  # in the reader thread
+        gen = torch.Generator().manual_seed(i)  # as the loop seeds it, by micro step
+        return to_model_input(
+            batch["clip"], crop=(h * 7 // 8, w * 7 // 8), flip=True, generator=gen
+        )
+
     io_before, begin, clips, first, held = _rchar(), time.time(), 0, None, 0
-    for batch in data.train_batches(0):
-        x = to_model_input(batch["clip"], crop=(h * 7 // 8, w * 7 // 8), flip=True, generator=gen)
+    for x in data.train_batches(0, transform=augment):
         clips += len(x)
         first = first or time.time() - begin
         held = max(held, pa.total_allocated_bytes())  # Arrow buffers the reader holds

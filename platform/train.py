@@ -93,9 +93,10 @@ class TrainConfig:
     # read once per worker and then served from memory (a small dataset runs hundreds of
     # epochs), a larger one saves that fraction of its reads. 0 reads every epoch anew.
     cache_mb: int = 1024
-    # Reader threads per worker (row groups read at once: more for object storage, whose
-    # requests wait on latency) and batches read ahead of the step.
-    read_threads: int = 4
+    # Reader threads per worker (reads in flight at once; 0 = 1 on a file system, where more
+    # threads only contend for the GIL, 8 on object storage, whose requests wait on latency)
+    # and batches read ahead of the step.
+    read_threads: int = 0
     prefetch_batches: int = 2
     seed: int = 0
     max_failures: int = 2
@@ -103,9 +104,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "num_workers", "log_every"):
             check_positive(f"train.{name}", getattr(self, name))
-        for name in ("read_threads", "prefetch_batches"):
-            check_positive(f"train.{name}", getattr(self, name))
-        check_positive("train.read_span", self.read_span, allow_zero=True)
+        check_positive("train.prefetch_batches", self.prefetch_batches)
+        for name in ("read_threads", "read_span"):
+            check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         check_positive("train.lr", self.lr)

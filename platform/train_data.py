@@ -46,14 +46,16 @@ class WorkerData:
     ) -> None:
         check_splits(splits)
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.span = cfg.read_span or default_span(splits["train"])
+        remote = is_remote(splits["train"])
+        self.span = cfg.read_span or (REMOTE_SPAN if remote else 1)
+        threads = cfg.read_threads or (REMOTE_THREADS if remote else 1)
         cache = UnitCache(cfg.cache_mb)
         self.readers = {
             name: SplitReader(
                 split,
                 name,
                 span=self.span,
-                threads=cfg.read_threads,
+                threads=threads,
                 prefetch=cfg.prefetch_batches,
                 cache=cache,
                 pin_memory=pin_memory and name == "train",
@@ -110,14 +112,17 @@ class WorkerData:
             reader.close()
 
 
-REMOTE_SPAN = 8  # row groups per read on object storage (train.read_span=0)
+# train.read_span / train.read_threads = 0: on object storage (each request waits on
+# latency) 8 row groups a read and 8 reads in flight; on a file system (local disk, a
+# shared mount) one row group a read (an exactly uniform shuffle) and one reader thread
+# (more only contend for the GIL: measured in benchmark.py ingest's development).
+REMOTE_SPAN = 8
+REMOTE_THREADS = 8
 
 
-def default_span(split: Split) -> int:
-    """``train.read_span=0``: one row group per read on a file system (local disk, a shared
-    mount), ``REMOTE_SPAN`` on object storage, where each request waits on latency."""
-    files = getattr(split, "files", ())
-    return REMOTE_SPAN if any(not storage.is_local(f) for f in files) else 1
+def is_remote(split: Split) -> bool:
+    """Whether a split's files are on object storage."""
+    return any(not storage.is_local(f) for f in getattr(split, "files", ()))
 
 
 def check_splits(splits: Mapping[str, object]) -> None:
