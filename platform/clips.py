@@ -238,13 +238,14 @@ def to_model_input(
     mirror = [False] * b
     if flip:
         mirror = (torch.rand(b, generator=generator) < 0.5).tolist()  # (B,)
-    # One pass per clip: crop (a view), mirror (a copy of that clip only), then converted
-    # straight into the float batch, scaled in place (the arithmetic of x / 127.5 - 1).
+    # Clip by clip: crop (a view), mirror (a copy of that clip only), converted straight into
+    # the float batch and scaled in place while it is in cache (the arithmetic of
+    # x / 127.5 - 1; a pass over the whole batch afterwards would go to memory again).
     out = torch.empty((b, t, ch, cw, 3), dtype=dtype)
     for i in range(b):
         clip = x[i, :, top[i] : top[i] + ch, left[i] : left[i] + cw]  # (T, ch, cw, 3)
-        out[i].copy_(clip.flip(2) if mirror[i] else clip)
-    return out.div_(127.5).sub_(1.0)
+        out[i].copy_(clip.flip(2) if mirror[i] else clip).div_(127.5).sub_(1.0)
+    return out
 
 
 def model_batches(
