@@ -269,6 +269,30 @@ def test_worker_killed_mid_step_resumes_equal_to_uninterrupted(
     assert len(runs) == 1
 
 
+@pytest.mark.slow
+def test_a_restart_at_one_worker_sees_each_clip_once_in_the_epoch(ray_local, tmp_path):
+    """A job at two workers stops after 5 steps, in the middle of its first epoch (14 steps
+    of 2 x 8 rows); the same job restarted at one worker resumes there (from the
+    checkpoint, whose loop state holds the world size) and trains on the rows the epoch has
+    left: across both runs every one of the 224 rows is seen exactly once in epoch 0."""
+    import dataclasses
+
+    def job(workers: int, steps: int) -> TrainJob:
+        base = toy_job("toy-resize", None, None, task=KillOnce(ToyTask(), (), tmp_path))
+        cfg = dataclasses.replace(base.train, num_workers=workers, steps=steps, max_failures=0)
+        return dataclasses.replace(base, train=dataclasses.replace(cfg, checkpoint_every=5))
+
+    run_training(job(2, 5), toy_datasets(), storage_path=tmp_path / "ray")
+    # The rest of epoch 0 at one worker: (224 - 5 x 16) / 8 = 18 steps, then one of epoch 1.
+    result = run_training(job(1, 24), toy_datasets(), storage_path=tmp_path / "ray")
+    assert load_checkpoint_state(result.checkpoint_dir)["loop"]["step"] == 24
+    rank0, rank1 = (_rows_by_step(tmp_path / f"rows-{rank}") for rank in (0, 1))
+    assert [step for step, _ in rank0] == list(range(24))  # 0-4 with rank 1, then alone
+    assert [step for step, _ in rank1] == list(range(5))
+    epoch0 = [r for step, rows in rank0 + rank1 if step < 5 + 18 for r in rows]
+    assert sorted(epoch0) == list(range(224))  # every row of the split once
+
+
 def _rows_by_step(path: Path) -> list[tuple[int, list[int]]]:
     """(step, row ids) of every step a worker ran, in the order it ran them."""
     out = []
