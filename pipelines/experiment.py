@@ -78,6 +78,7 @@ class ExperimentConfig:
             object.__setattr__(
                 self, "tokenizer", dataclasses.replace(self.tokenizer, input_size=wanted)
             )
+        _check_asha_can_act(self.search, self.train)
 
     @classmethod
     def normalize_dict(cls, data: dict) -> dict:
@@ -101,6 +102,20 @@ class ExperimentConfig:
     def run_dir(self, name: str) -> str:
         """The storage folder of a standalone run (its MLflow run id, Ray Train storage)."""
         return storage.join(self.storage.uri, "runs", name)
+
+
+def _check_asha_can_act(search: SearchConfig, train: TrainConfig) -> None:
+    """ASHA compares trials at equal numbers of evaluations during training: without any
+    (``train.eval_every=0``) each trial reports once, at its end, and nothing is stopped."""
+    if search.mode != "optuna" or train.eval_every > 0:
+        return
+    for name, value in (("asha", search.asha), ("asha_grace_period", search.asha_grace_period)):
+        if value not in (None, False):
+            raise ValueError(
+                f"search.{name}={value!r} does nothing with train.eval_every=0: each trial "
+                "reports once, at its end, so ASHA has nothing to compare; set "
+                f"train.eval_every=N (evaluations during training), or drop search.{name}"
+            )
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -88,7 +88,7 @@ def smoke_study() -> ExperimentConfig:
             log_every=4,
             cpus_per_worker=0.5,
         ),
-        search=SearchConfig(mode="grid", sweeps=("c=2,8",), num_samples=2, max_concurrent=1),
+        search=SearchConfig(mode="grid", sweeps=("c=2,8",), max_concurrent=1),
     )
 
 
@@ -151,7 +151,6 @@ def demo() -> ExperimentConfig:
                 "decoder=N,T",  # decoder sweep at fixed E (c = 4), with M
             ),
             objectives=("psnr:max",),
-            num_samples=8,
             max_concurrent=2,
         ),
     )

@@ -34,6 +34,7 @@ from vitok.pipelines.cli import (
 )
 from vitok.pipelines.study_preflight import (
     check_resumable,
+    objective_problems,
     preflight,
 )
 from vitok.pipelines.study_report import (
@@ -83,6 +84,8 @@ def run_study(
 ) -> StudyResult:
     """Preflight, then the study under its lease and its parent run; an autoscaler request
     made by the preflight is released whatever happens."""
+    # Results during training carry only evaluations, so Tune's own check that each result
+    # holds the objective is off; the preflight checks that trials produce it instead.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one console
@@ -120,6 +123,9 @@ def _run_claimed_study(
         storage.write_text(store.path("config.yaml"), dump_config(cfg))
     print(f"[vitok] study {store.name}: {store.uri}")
     prepared = prepare(cfg.data, cfg.storage.root)
+    problems = objective_problems(cfg, prepared.num_val)  # the data as it came out
+    if problems:
+        raise SystemExit("error: this study cannot start:\n  - " + "\n  - ".join(problems))
     tags = {"vitok.kind": "study", "vitok.preset": preset_name}
     try:
         with owned_run(

@@ -62,7 +62,14 @@ def register_best(
     metric, mode = parse_objective(cfg.search.objectives[0])
     key = objective_key(metric)
     scored = [r for r in rows if isinstance(r.get(key), int | float) and r.get("tokenizer_run_id")]
-    if not name or not cfg.tracking.enabled or not scored:
+    if not name or not cfg.tracking.enabled:
+        return None
+    if not scored:
+        if rows:  # the preflight checks the objective; a metric can still be skipped
+            print(
+                f"[vitok] warning: no finished trial has {key} (search.objectives' first, "
+                f"{cfg.search.objectives[0]!r}): no best tokenizer registered as {name!r}"
+            )
         return None
     best = (max if mode == "max" else min)(scored, key=lambda r: r[key])
     record_uri = store.path("registered_model.json")
