@@ -13,7 +13,7 @@ from typing import ClassVar
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.search import SearchConfig
 from vitok.platform import storage
-from vitok.platform.config import to_yaml
+from vitok.platform.config import from_dict, to_yaml
 from vitok.platform.data import DataConfig
 from vitok.platform.metrics import MetricsConfig
 from vitok.platform.storage import StorageConfig
@@ -84,12 +84,9 @@ class ExperimentConfig:
     def normalize_dict(cls, data: dict) -> dict:
         """Before validation: the tokenizer's input_size follows the data section; a given
         one (a dumped config holds it) must equal it."""
-        data_sec = dict(data.get("data") or {})
-        defaults = DataConfig()
-        frames = data_sec.get("frames", defaults.frames)
-        crop = data_sec.get("crop", defaults.crop) if "crop" in data_sec else defaults.crop
-        size = crop or data_sec.get("size", defaults.size)
-        wanted = [frames, *list(size)]
+        wanted = list(
+            derived_input_size(from_dict(DataConfig, data.get("data") or {}, _path="data"))
+        )
         tok = dict(data.get("tokenizer") or {})
         given = tok.get("input_size")
         if given is not None:
