@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vitok.platform import storage
+from vitok.platform.pixel_metrics import to_unit_float
 from vitok.platform.shard_checks import read_parquet_columns
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ def to_model_input(
     if flip:
         mirror = torch.rand(b, generator=generator) < 0.5  # (B,)
         x = torch.where(mirror[:, None, None, None, None], x.flip(3), x)
-    return x.to(dtype) / 127.5 - 1.0
+    return to_unit_float(x, dtype)
 
 
 def model_batches(
