@@ -146,6 +146,21 @@ class DataConfig:
         )
 
 
+def tiny_synthetic_data() -> DataConfig:
+    """The smallest dataset that goes through the whole decode path: 4 rendered synthetic
+    videos of 2 classes, one 4-frame 16x16 clip each, no val split (``prepare`` takes
+    seconds). The fault table and the data tests share it."""
+    return DataConfig(
+        sources=("synthetic",),
+        frames=4,
+        size=(16, 16),
+        clips_per_video=1,
+        val_fraction=0.0,
+        synthetic_classes=2,
+        synthetic_videos=4,
+    )
+
+
 # ----------------------------------------------------------------------------- decode stage
 
 
@@ -382,5 +397,6 @@ __all__ = [
     "prepare",
     "read_parquet_columns",
     "read_shards",
+    "tiny_synthetic_data",
     "to_model_input",
 ]

@@ -19,6 +19,7 @@ from vitok.platform.data import (
     first_clips,
     model_batches,
     prepare,
+    tiny_synthetic_data,
     to_model_input,
 )
 
@@ -197,15 +198,7 @@ def test_preprocess_cli_logs_counts_to_mlflow(ray_local, tmp_path: Path, mlflow_
 
 
 def test_crashed_attempts_are_ignored_and_damaged_shards_rebuilt(ray_local, tmp_path, capsys):
-    cfg = DataConfig(
-        sources=("synthetic",),
-        frames=4,
-        size=(16, 16),
-        clips_per_video=1,
-        val_fraction=0.0,
-        synthetic_classes=2,
-        synthetic_videos=4,
-    )
+    cfg = tiny_synthetic_data()
     root = str(tmp_path / "store")
     first = prepare(cfg, root, progress=False)
     folder = Path(first.root)
@@ -304,15 +297,7 @@ def test_a_mostly_rejected_source_stops_prepare(ray_local, tmp_path: Path) -> No
 
 
 def test_a_flipped_byte_in_a_cached_shard_is_detected(ray_local, tmp_path, capsys) -> None:
-    cfg = DataConfig(
-        sources=("synthetic",),
-        frames=4,
-        size=(16, 16),
-        clips_per_video=1,
-        val_fraction=0.0,
-        synthetic_classes=2,
-        synthetic_videos=4,
-    )
+    cfg = tiny_synthetic_data()
     root = str(tmp_path / "store")
     first = prepare(cfg, root, progress=False)
     entry = first.manifest["files"]["train"][0]
