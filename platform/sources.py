@@ -78,11 +78,6 @@ def _list_folder(root: Path, kind: str) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and keep(p) and ".part." not in p.name)
 
 
-def _size_mtime(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
 def _synthetic_shape(cfg: DataConfig) -> tuple[int, int, int]:
     """``(n_frames, height, width)`` of the rendered files: room for every clip, and a frame
     larger and wider than the stored size so the resize and crop path is exercised."""
