@@ -1,7 +1,11 @@
 """The root config of one experiment (data -> tokenizer -> generator).
 
-Functions take the sub-config they need; this root exists to nest, validate across
-components, round-trip to YAML and take ``--set a.b=value`` overrides.
+It nests the components' configs, validates across them (the tokenizer's input size
+derived from the data, ASHA's need for evaluations during training), round-trips to YAML
+and takes ``--set a.b=value`` overrides. The stages and the study in ``pipelines/`` take
+this root, since each wires several sections together; the components they call
+(``platform/``, ``tokenizer/``, ``generator/``) take only their own section (see
+ARCHITECTURE.md).
 """
 
 from __future__ import annotations

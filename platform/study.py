@@ -1,4 +1,5 @@
-"""A study's state under the storage root, and the Ray Tune run that fills it.
+"""A study's state under the storage root, and the Tune callbacks of its trials and driver
+(the Tune run itself is built in ``pipelines/study_tune.py``).
 
 A study folder (``<root>/studies/<name>``) holds everything a stopped study needs to go on,
 whatever node or code runs it next::

@@ -1,6 +1,7 @@
 """The Ray Train worker loop in named pieces: the model and its engines (``Worker``), the
-``Checkpointer``, this worker's ``train_batches``, the ``MetricWindow``, ``StepLogger``,
-``evaluate`` and the ``Loop`` that steps them (started by ``train.run_training``).
+``Checkpointer``, ``evaluate`` and the ``Loop`` that steps them (started by
+``train.run_training``), with this worker's ``train_batches`` from ``train_data.py`` and the
+``MetricWindow`` and ``StepLogger`` from ``train_metrics.py``.
 
 A resumed run ends as an uninterrupted one would (same weights, same curve): all a step
 consumes is a function of (seed, epoch, rank, step) and of the checkpoint (DeepSpeed state,
