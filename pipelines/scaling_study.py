@@ -131,9 +131,10 @@ def _run_claimed_study(
         with owned_run(
             cfg.tracking, store.name, resume_file=store.path("mlflow_run_id"), tags=tags
         ) as logger:
+            parent = logger.run_id if logger else None
             if logger:
                 _log_setup(logger, cfg, store, prepared, preset_name)
-            rows, failed = _tune(cfg, store, logger.run_id if logger else None)
+            rows, failed = _tune(cfg, store, parent)
             fits = write_report(cfg.tokenizer, store, rows, failed, logger)
             best = register_best(cfg, store, rows)
             if logger:
@@ -141,7 +142,7 @@ def _run_claimed_study(
                 if best:
                     best_tags = {"vitok.best_trial": best["trial"], "vitok.best_model": best["uri"]}
                     logger.set_tags(best_tags)
-            result = StudyResult(store, rows, failed, fits, logger and logger.run_id, best)
+            result = StudyResult(store, rows, failed, fits, parent, best)
             if not rows:
                 raise NoTrialFinished(result)
     except NoTrialFinished as ended:
