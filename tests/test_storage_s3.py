@@ -6,6 +6,8 @@ and every object lands under the prefix the root names."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -134,9 +136,22 @@ def test_a_study_runs_with_the_endpoint_in_its_root_uri(s3, tmp_path, monkeypatc
     ]
     args = [sys.executable, str(REPO / "pipelines" / "scaling_study.py"), "--preset"]
     args += ["smoke-study", *(x for s in sets for x in ("--set", s))]
-    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-6000:]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # killed as a group if it overruns
+    )
+    try:
+        out, _ = proc.communicate(timeout=840)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-6000:]
     assert "study smoke-study: 1 trials finished, 0 failed" in out, out[-6000:]
     keys = _objects(s3, prefix)
     assert not [k for k in keys if "?" in k or "endpoint_override" in k], keys
