@@ -15,6 +15,7 @@ from vitok.pipelines.search import parse_objective, trial_name
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides
 from vitok.platform.study import (
+    REUSED,
     StudyStore,
     report_to_tune_callback,
 )
@@ -60,8 +61,8 @@ def run_trial(
     name = trial_name(overrides)
     store = StudyStore(study_uri)
     committed = store.result(name)
-    if committed is not None:
-        tune.report(scalars(committed))
+    if committed is not None:  # the search proposed a configuration that already ran
+        tune.report({**scalars(committed), REUSED: 1})
         return
     # Concurrent trials' Ray Data progress bars would interleave on the study's console.
     ray.data.DataContext.get_current().enable_progress_bars = False

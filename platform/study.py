@@ -35,6 +35,9 @@ LEASE_HEARTBEAT_S = 20.0
 LEASE_STALE_S = 90.0
 RESULT_FILE = "result.json"
 FINISHED, STOPPED = "finished", "stopped"
+# In a trial's result: it found its committed result (the same configuration ran before,
+# in this study or an earlier run of it) and reported that, without running again.
+REUSED = "reused_committed_result"
 
 
 class StudyStore:
@@ -317,8 +320,16 @@ def study_progress(
                 store.commit(name, {**last, "params": dict(trial.config)}, status=STOPPED)
                 status = STOPPED
             minutes = float((trial.last_result or {}).get("time_total_s", 0.0)) / 60
+            if last.get(REUSED):
+                status = "reused"
+                text = (
+                    f"[vitok] trial {name} reused: this configuration already ran; its "
+                    f"committed result was reported again, nothing trained ({summary(last)})"
+                )
+            else:
+                text = f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min"
             table.update(name, state=status, end=time.time(), **{c: last.get(c) for c in columns})
-            table.line(f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min")
+            table.line(text)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
             name = trial_name(trial.config)
@@ -361,6 +372,7 @@ def seeded_optuna_storage(
 
 __all__ = [
     "FINISHED",
+    "REUSED",
     "STOPPED",
     "StatusTable",
     "StudyStore",
