@@ -33,14 +33,15 @@ from vitok.pipelines.cli import (
     resolve_config,
 )
 from vitok.pipelines.presets import PRESETS, preset
+from vitok.pipelines.study_best import register_best
 from vitok.pipelines.study_preflight import (
     check_resumable,
     preflight,
 )
 from vitok.pipelines.study_report import (
     StudyResult,
+    log_outcome,
     print_summary,
-    register_best,
     write_report,
 )
 from vitok.pipelines.study_trial import run_trial
@@ -151,12 +152,10 @@ def _run_claimed_study(
 
             release_request()
     rows, failed = collect(store, errors)
-    fits = write_report(cfg.tokenizer, store, rows, failed, logger)
+    fits = write_report(cfg.tokenizer, store, rows, failed, logger, cfg.search.objectives)
     best = register_best(cfg, store, rows)
     if logger:
-        logger.log_metrics({f"r2/{k}": v for k, v in fits.items()})
-        if best:
-            logger.set_tags({"vitok.best_trial": best["trial"], "vitok.best_model": best["uri"]})
+        log_outcome(logger, fits, best)
         logger.finish("FINISHED" if rows else "FAILED")
     return StudyResult(store, rows, failed, fits, parent, best)
 

@@ -79,7 +79,7 @@ def run_trial(
     if cfg.train.eval_every > 0:
         constants = scalars(tokenizer_params(cfg.tokenizer))
         to_tune.append(report_to_tune_callback(objectives, constants))
-    result: dict[str, Any] = {"trial": name}
+    result: dict[str, Any] = {"trial": name, "seed": cfg.train.seed}
     failed: list[Exception] = []  # the generator's: raised once the tokenizer's run has ended
 
     def finish(tok: TokenizerRun) -> dict[str, float]:
