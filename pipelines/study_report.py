@@ -206,19 +206,21 @@ def _plot_sweep(
     file_name, subset, x_key, label, log2, tag = sweep
     if len(subset) < 2:
         return []
+    sizes = {r.get("input") for r in subset}
+    at = f" at {sizes.pop()}" if len(sizes) == 1 and None not in sizes else ""
     fig, panel_fits = scaling_figure(
         subset,
         x_key,
         PLOT_METRICS,
         x_label=label,
         log2_x=log2,
-        title=f"{study_name}: metrics against {label} ({len(subset)} trials)",
+        title=f"{study_name}: metrics against {label} ({len(subset)} trials{at})",
     )
     fig.savefig(out / file_name, dpi=120)
     if logger:
         logger.log_figure(fig, f"report/{file_name}")
     plt.close(fig)
-    lines = [f"## Against {label}", f"![{tag}]({file_name})"]
+    lines = [f"## Against {label}{at}", f"![{tag}]({file_name})"]
     unit = f"doubling of {x_key}" if log2 else "unit"
     for metric, fit in panel_fits.items():
         if fit is not None:
