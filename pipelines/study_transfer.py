@@ -99,6 +99,21 @@ def seed_differences(rows: list[dict[str, Any]]) -> list[float]:
     return spreads
 
 
+def verdict(difference: float, seeds: list[float]) -> str:
+    """A difference read against the seed-to-seed one: within it, or larger."""
+    if not seeds:
+        return "no two trials differ only in their seed, so the noise is unknown"
+    if difference <= max(seeds):
+        return (
+            f"within the seed-to-seed difference (max {max(seeds):.2f} dB): consistent with "
+            "the paper"
+        )
+    return (
+        f"larger than the seed-to-seed difference (max {max(seeds):.2f} dB): the paper's "
+        "claim does not hold at this scale"
+    )
+
+
 def transfer_sections(
     rows: list[dict[str, Any]],
     study_name: str,
@@ -108,19 +123,21 @@ def transfer_sections(
 ) -> list[str]:
     """The report's sections (the transfer plot into ``out`` and onto the parent run; its
     fits into ``fits`` as ``ppf/<all|size>/val/psnr``)."""
-    lines = _transfer_section(transfer_rows(rows), study_name, out, fits, logger)
+    seeds = seed_differences(rows)
+    lines = _transfer_section(transfer_rows(rows), study_name, out, fits, logger, seeds)
     pairs = equal_e(rows)
     if pairs:
         lines += [
             "## Equal E, different (p, c)",
             "",
-            "The paper: at equal E, different (p, c) pairs score nearly the same.",
+            "The paper: at equal E, different (p, c) pairs score nearly the same. Here:",
+            "",
+            *(f"- {p['size']}, E = {p['E']}: {_equal_e_text(p, seeds)}" for p in pairs),
             "",
             markdown_table(pairs, ["size", "E", "trials", "abs dPSNR"]),
             "",
         ]
-    seeds = seed_differences(rows)
-    if seeds and (lines or pairs):
+    if seeds and lines:
         lines += [
             f"Seed-to-seed |dPSNR| (trials that differ only in `train.seed`): mean "
             f"{_mean(seeds):.2f} dB, max {max(seeds):.2f} dB over {len(seeds)} pair(s): the "
@@ -130,12 +147,17 @@ def transfer_sections(
     return lines
 
 
+def _equal_e_text(pair: dict[str, Any], seeds: list[float]) -> str:
+    return f"|dPSNR| {pair['abs dPSNR']:.2f} dB, {verdict(pair['abs dPSNR'], seeds)}"
+
+
 def _transfer_section(
     rows: list[dict[str, Any]],
     study_name: str,
     out: Path,
     fits: dict[str, Fit],
     logger: RunLogger | None,
+    seeds: list[float],
 ) -> list[str]:
     import matplotlib.pyplot as plt
 
@@ -160,38 +182,62 @@ def _transfer_section(
         if fit is not None:
             fits[f"ppf/{group}/{METRIC}"] = fit
             lines.append(f"- {group}: {fit.describe()}; slope {fit.slope:.3g} dB per doubling")
-    by_e = fit_line(np.log2([r["E"] for r in rows]), [r[METRIC] for r in rows])
-    if by_e is not None:
-        lines.append(f"- all, against log2 E instead (for contrast): {by_e.describe()}")
+    lines += ["", *_transfer_findings(rows, panel.get("all"), seeds)]
+    table = matched(rows)
+    if table:
+        lines += ["", markdown_table(table, list(table[0]))]
+    return [*lines, ""]
+
+
+def _transfer_findings(rows: list[dict[str, Any]], every: Fit | None, seeds: list[float]):
+    """The mean |dPSNR| at equal pixels per float against the seed noise, which size scores
+    higher, and whether E or pixels per float predicts PSNR better across sizes."""
+    out = []
     table = matched(rows)
     if table:
         diffs = [r["abs dPSNR"] for r in table]
-        lines += [
-            "",
+        out.append(
             f"Mean |dPSNR| between clip sizes at equal pixels per float: {_mean(diffs):.2f} dB "
-            f"(max {max(diffs):.2f} dB, {len(diffs)} points).",
-            "",
-            markdown_table(table, list(table[0])),
-        ]
-    return [*lines, ""]
+            f"(max {max(diffs):.2f} dB, {len(diffs)} points): {verdict(_mean(diffs), seeds)}."
+        )
+        sizes = sorted({r[SIZE] for r in rows}, key=_pixels)
+        small, large = f"psnr {sizes[0]}", f"psnr {sizes[-1]}"
+        signs = {np.sign(r[large] - r[small]) for r in table if r.get(large) and r.get(small)}
+        if len(signs) == 1 and signs != {0}:
+            higher = sizes[-1] if signs == {1} else sizes[0]
+            out.append(f"{higher} scores higher at every pixels per float seen at both sizes.")
+    by_e = fit_line(np.log2([r["E"] for r in rows]), [r[METRIC] for r in rows])
+    if every is not None and by_e is not None:
+        better = (
+            "pixels per float, as the paper says"
+            if every.r2 >= by_e.r2
+            else "E, not pixels per float"
+        )
+        out.append(
+            f"Through all points, log2 pixels per float gives R^2 = {every.r2:.3f} "
+            f"({every.direction}) and log2 E gives R^2 = {by_e.r2:.3f} ({by_e.direction}): "
+            f"across clip sizes, {better}, predicts PSNR better here."
+        )
+    return out
 
 
 def transfer_console(rows: list[dict[str, Any]]) -> list[str]:
     """The transfer, equal-E and seed figures in a line each, for the study's summary."""
     lines = []
+    seeds = seed_differences(rows)
     table = matched(transfer_rows(rows))
     if table:
         diffs = [r["abs dPSNR"] for r in table]
         lines.append(
             f"transfer:    mean |dPSNR| between clip sizes at equal pixels per float "
-            f"{_mean(diffs):.2f} dB (max {max(diffs):.2f}, {len(diffs)} points)"
+            f"{_mean(diffs):.2f} dB (max {max(diffs):.2f}, {len(diffs)} points), "
+            f"{verdict(_mean(diffs), seeds)}"
         )
     for pair in equal_e(rows):
         lines.append(
-            f"equal E:     {pair['size']} E={pair['E']}: |dPSNR| {pair['abs dPSNR']:.2f} dB "
+            f"equal E:     {pair['size']} E={pair['E']}: {_equal_e_text(pair, seeds)} "
             f"({pair['trials']})"
         )
-    seeds = seed_differences(rows)
     if seeds and lines:
         lines.append(
             f"seeds:       |dPSNR| between seeds {_mean(seeds):.2f} dB mean, "

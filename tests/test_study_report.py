@@ -222,6 +222,7 @@ def test_transfer_and_equal_e_sections_on_known_values(tmp_path):
         transfer_console,
         transfer_rows,
         transfer_sections,
+        verdict,
     )
 
     rows = _transfer_rows()
@@ -242,7 +243,14 @@ def test_transfer_and_equal_e_sections_on_known_values(tmp_path):
     lines = transfer_sections(rows, "transfer", tmp_path, fits, None)
     text = "\n".join(lines)
     assert (tmp_path / "transfer_ppf.png").stat().st_size > 1000
-    assert "Mean |dPSNR| between clip sizes at equal pixels per float: 0.39 dB" in text
+    assert (
+        "Mean |dPSNR| between clip sizes at equal pixels per float: 0.39 dB (max 0.40 dB, "
+        "4 points): larger than the seed-to-seed difference (max 0.10 dB): the paper's claim "
+        "does not hold at this scale." in text
+    )
+    assert "8x32x32 scores higher at every pixels per float seen at both sizes." in text
+    assert "across clip sizes, pixels per float, as the paper says, predicts PSNR better" in text
+    assert "- 8x32x32, E = 1024: |dPSNR| 2.00 dB, larger than the seed-to-seed" in text
     assert "mean 0.10 dB, max 0.10 dB over 1 pair(s)" in text
     # PSNR falls as pixels per float grows, at each size and through all points.
     assert {k: f.direction for k, f in fits.items()} == {
@@ -254,6 +262,8 @@ def test_transfer_and_equal_e_sections_on_known_values(tmp_path):
     console = "\n".join(transfer_console(rows))
     assert "mean |dPSNR| between clip sizes at equal pixels per float 0.39 dB" in console
     assert "8x32x32 E=1024: |dPSNR| 2.00 dB" in console
+    assert verdict(0.1, [0.1, 0.05]).startswith("within the seed-to-seed difference")
+    assert "noise is unknown" in verdict(0.1, [])
     # A study with one clip size and no equal-E pair has none of these sections.
     assert (
         transfer_sections(
