@@ -156,3 +156,21 @@ def _register(
     except Exception as err:  # e.g. a tracking store without a model registry
         print(f"[vitok] warning: could not register trial {row['trial']} as {name!r}: {err}")
         return None
+
+
+def print_best(best: dict[str, Any] | None) -> None:
+    """The registered best model, or each model of the Pareto front with its values."""
+    if not best:
+        return
+    if best.get("rule") != FRONT_RULE:
+        print(f"  best model:  {best['uri']} (trial {best['trial']})")
+        return
+    front = best["front"]
+    print(
+        f"  best models: the Pareto front of {', '.join(best['objectives'])}: {len(front)} "
+        "trials, each registered (no single best without a preference between objectives)"
+    )
+    for entry in front:
+        keys = [objective.rpartition(":")[0] for objective in best["objectives"]]
+        values = ", ".join(f"{k} {entry[k]:.4g}" for k in keys)
+        print(f"               {entry['trial']}: {values}  {entry['uri'] or '(not registered)'}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from vitok.pipelines.cli import (
     ExperimentConfig,
 )
 from vitok.pipelines.paper import FINDINGS, paper_row
-from vitok.pipelines.study_best import FRONT_RULE, study_objectives
+from vitok.pipelines.study_best import FRONT_RULE, print_best, study_objectives
 from vitok.pipelines.study_front import front_section, mark_front
+from vitok.pipelines.study_mlflow import description, mlflow_links
 from vitok.pipelines.study_transfer import transfer_console, transfer_sections
 from vitok.pipelines.study_trial import time_shares
 from vitok.platform import storage
@@ -256,18 +256,6 @@ def fit_record(fit: Fit) -> dict[str, Any]:
     }
 
 
-def description(text: str, run_id: str) -> str:
-    """The report as the parent run's description: each ``![tag](plot.png)`` (relative to
-    report.md) points at the run's artifact ``report/plot.png`` through the MLflow server's
-    ``get-artifact`` route, relative to the UI's page, so the plots render inside MLflow
-    (with or without a ``--static-prefix``)."""
-    return re.sub(
-        r"!\[([^\]]*)\]\(([\w.-]+\.png)\)",
-        lambda m: f"![{m[1]}](get-artifact?path=report%2F{m[2]}&run_uuid={run_id})",
-        text,
-    )
-
-
 def log_outcome(logger: RunLogger, fits: dict[str, Fit], best: dict[str, Any] | None) -> None:
     """On the parent run: each fit's R^2 and slope as metrics, the best model(s) as tags."""
     logger.log_metrics({f"r2/{k}": f.r2 for k, f in fits.items()})
@@ -356,58 +344,6 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
     if result.parent_run_id:
         for line in mlflow_links(resolve_uri(cfg.tracking.uri), result.parent_run_id, result.best):
             print(f"  {line}")
-
-
-def print_best(best: dict[str, Any] | None) -> None:
-    """The registered best model, or each model of the Pareto front with its values."""
-    if not best:
-        return
-    if best.get("rule") != FRONT_RULE:
-        print(f"  best model:  {best['uri']} (trial {best['trial']})")
-        return
-    front = best["front"]
-    print(
-        f"  best models: the Pareto front of {', '.join(best['objectives'])}: {len(front)} "
-        "trials, each registered (no single best without a preference between objectives)"
-    )
-    for entry in front:
-        keys = [objective.rpartition(":")[0] for objective in best["objectives"]]
-        values = ", ".join(f"{k} {entry[k]:.4g}" for k in keys)
-        print(f"               {entry['trial']}: {values}  {entry['uri'] or '(not registered)'}")
-
-
-def mlflow_links(uri: str, run_id: str, best: dict[str, Any] | None = None) -> list[str]:
-    """How to open the study in MLflow's UI: the server command (a local store) and direct
-    links to the runs table and the parent run. MLflow 3.17 keeps its GenAI / Model
-    training switch in the browser; ``workflowType=machine_learning`` in a link selects
-    Model training, where the runs table is."""
-    from urllib.parse import quote
-
-    from vitok.platform.tracking_client import mlflow_client
-
-    try:
-        experiment = mlflow_client(uri).get_run(run_id).info.experiment_id
-    except Exception as err:  # noqa: BLE001 - the links are a convenience
-        return [f"mlflow:      parent run {run_id} ({uri}; could not read it: {err})"]
-    if uri.startswith(("http://", "https://")):
-        base, lines = uri.rstrip("/"), []
-    else:
-        base = "http://127.0.0.1:5000"
-        lines = [f"mlflow:      mlflow ui --backend-store-uri {uri}   then open:"]
-    view = "workflowType=machine_learning"
-    runs = f"{base}/#/experiments/{experiment}/runs"
-    lines += [
-        f"runs table:  {runs}?{view}",
-        f"this study:  {runs}/{run_id}?{view}",
-    ]
-    if best and best.get("rule") == FRONT_RULE:
-        front = quote("tags.vitok.pareto_front = 'true'", safe="")
-        lines.append(f"the front:   {runs}?{view}&searchFilter={front}")
-    lines.append(
-        "             (a plain link opens on MLflow's GenAI views: pick 'Model training' at "
-        "the top of the sidebar)"
-    )
-    return lines
 
 
 def print_time_shares(rows: list[dict[str, Any]]) -> None:

@@ -83,8 +83,7 @@ def test_front_trials_are_tagged_and_are_the_best_models(tmp_path, mlflow_uri, c
     filters on it); the summary names the front as the best models, with the rule."""
     from mlflow.tracking import MlflowClient
 
-    from vitok.pipelines.study_best import register_best
-    from vitok.pipelines.study_report import StudyResult, print_best
+    from vitok.pipelines.study_best import print_best, register_best
 
     client = MlflowClient(mlflow_uri)
     exp = client.create_experiment("front")
@@ -111,7 +110,6 @@ def test_front_trials_are_tagged_and_are_the_best_models(tmp_path, mlflow_uri, c
     out = capsys.readouterr().out
     assert "the Pareto front of val/psnr:max, gflops:min: 4 trials" in out
     assert "c64: val/psnr 16, gflops 0.5  (not registered)" in out
-    assert StudyResult  # the summary's type carries the same dict
 
 
 def test_every_r2_says_its_direction_in_report_and_console(tmp_path, mlflow_uri, capsys):
@@ -151,7 +149,7 @@ def test_every_r2_says_its_direction_in_report_and_console(tmp_path, mlflow_uri,
 
 
 def test_description_points_plots_at_the_runs_artifacts():
-    from vitok.pipelines.study_report import description
+    from vitok.pipelines.study_mlflow import description
 
     text = "## Against E\n![E](scaling_E.png)\n- psnr\n![pareto](pareto_front.png)\n"
     note = description(text, "abc123")
