@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vitok.platform import storage
+from vitok.platform.leases import holder_alive
 
 STUDIES = "studies"
 LEASE_FILE = "driver.json"
@@ -84,7 +85,7 @@ class StudyStore:
         for ``LEASE_STALE_S``) is taken over, so a killed study resumes at once.
         """
         holder = self._lease()
-        if holder is not None and _lease_alive(holder):
+        if holder is not None and holder_alive(holder, LEASE_STALE_S):
             raise SystemExit(
                 f"error: study {self.name} is being run by pid {holder['pid']} on "
                 f"{holder['host']} (since {time.ctime(holder['started'])}); stop that one first "
@@ -163,19 +164,6 @@ class StudyStore:
     def events(self) -> list[dict[str, Any]]:
         names = [n for n in storage.listdir(self.path("events")) if n.endswith(".json")]
         return [storage.read_json(self.path("events", n)) for n in sorted(names)]
-
-
-def _lease_alive(lease: Mapping[str, Any]) -> bool:
-    """A lease's driver still runs: its pid on this host, else a recent heartbeat."""
-    if lease.get("host") == socket.gethostname():
-        try:
-            os.kill(int(lease["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return time.time() - float(lease.get("heartbeat", 0)) < LEASE_STALE_S
 
 
 def report_to_tune_callback(required: Sequence[str], constants: Mapping[str, Any]) -> Any:

@@ -224,6 +224,32 @@ def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri, cap
 
 
 @pytest.mark.slow
+def test_a_configuration_proposed_twice_at_once_trains_once(
+    ray_local, tmp_path, mlflow_uri, capsys
+):
+    """Optuna with two trials at a time over one configuration: both proposals start
+    together; one trains, the other waits for its result and says it reused it (before, both
+    trained into the same trial folder and MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    from vitok.pipelines.scaling_study import run_study
+
+    cfg = _study_cfg(
+        tmp_path, mlflow_uri, mode="optuna", num_samples=2, sweeps=("c=8",), max_concurrent=2
+    )
+    cfg = dataclasses.replace(cfg, generator_train=None)
+    result = run_study(cfg, preset_name="smoke-study")
+    assert [r["trial"] for r in result.rows] == ["c8"] and not result.failed
+    starts = [e for e in result.store.events() if e["event"] == "started"]
+    assert len(starts) == 1
+    assert "trial c8 reused: this configuration already ran" in capsys.readouterr().out
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("study-test")
+    runs = client.search_runs([exp.experiment_id], "tags.`vitok.kind` = 'tokenizer'")
+    assert len(runs) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("asha", [True, False], ids=["asha", "no-asha"])
 def test_smoke_study_optuna_single_objective_resumes(ray_local, tmp_path, mlflow_uri, asha):
     """The default objective (psnr:max), with ASHA (the default) and without: every result
