@@ -166,9 +166,11 @@ def print_best(best: dict[str, Any] | None) -> None:
         print(f"  best model:  {best['uri']} (trial {best['trial']})")
         return
     front = best["front"]
+    registered = sum(bool(entry["uri"]) for entry in front)
     print(
         f"  best models: the Pareto front of {', '.join(best['objectives'])}: {len(front)} "
-        "trials, each registered (no single best without a preference between objectives)"
+        f"trials, {registered} registered (no single best without a preference between "
+        "objectives)"
     )
     for entry in front:
         keys = [objective.rpartition(":")[0] for objective in best["objectives"]]

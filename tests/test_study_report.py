@@ -108,7 +108,7 @@ def test_front_trials_are_tagged_and_are_the_best_models(tmp_path, mlflow_uri, c
     assert {r.info.run_name for r in tagged} == FRONT
     print_best(best)
     out = capsys.readouterr().out
-    assert "the Pareto front of val/psnr:max, gflops:min: 4 trials" in out
+    assert "the Pareto front of val/psnr:max, gflops:min: 4 trials, 0 registered" in out
     assert "c64: val/psnr 16, gflops 0.5  (not registered)" in out
 
 
