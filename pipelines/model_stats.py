@@ -50,6 +50,7 @@ def _tokenizer_params(model: TokenizerConfig) -> tuple[tuple[str, Any], ...]:
             "log2_E": float(np.log2(model.latent_floats)),
             "pixels_per_float": model.pixels_per_float,
             "frames": model.input_size[0],
+            "input": "x".join(str(n) for n in model.input_size),  # T x H x W
             "encoder_params_M": counts["encoder"] / 1e6,
             "decoder_params_M": counts["decoder"] / 1e6,
             "params_M": counts["total"] / 1e6,

@@ -32,6 +32,7 @@ from vitok.pipelines.cli import (
     dump_config,
     show_config,
 )
+from vitok.pipelines.study_best import register_best
 from vitok.pipelines.study_preflight import (
     check_resumable,
     objective_problems,
@@ -39,8 +40,8 @@ from vitok.pipelines.study_preflight import (
 )
 from vitok.pipelines.study_report import (
     StudyResult,
+    log_outcome,
     print_summary,
-    register_best,
     write_report,
 )
 from vitok.pipelines.study_trial import run_trial
@@ -135,13 +136,11 @@ def _run_claimed_study(
             if logger:
                 _log_setup(logger, cfg, store, prepared, preset_name)
             rows, failed = _tune(cfg, store, parent)
-            fits = write_report(cfg.tokenizer, store, rows, failed, logger)
+            objectives = cfg.search.objectives
+            fits = write_report(cfg.tokenizer, store, rows, failed, logger, objectives)
             best = register_best(cfg, store, rows)
             if logger:
-                logger.log_metrics({f"r2/{k}": v for k, v in fits.items()})
-                if best:
-                    best_tags = {"vitok.best_trial": best["trial"], "vitok.best_model": best["uri"]}
-                    logger.set_tags(best_tags)
+                log_outcome(logger, fits, best)
             result = StudyResult(store, rows, failed, fits, parent, best)
             if not rows:
                 raise NoTrialFinished(result)

@@ -6,7 +6,8 @@ sweep over p x c, plus an encoder sweep and a decoder sweep at fixed E, ...); an
 study searches the union of the sweeps' values per axis.
 
 Axis names are dotted config fields (``train.lr``) or these aliases:
-``p`` patch, ``q`` tubelet, ``c`` channels, ``encoder``/``decoder`` sizes.
+``p`` patch, ``q`` tubelet, ``c`` channels, ``encoder``/``decoder`` sizes, ``crop`` the
+clip size (``HxW``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ALIASES: dict[str, str] = {
     "c": "tokenizer.channels",
     "encoder": "tokenizer.encoder_size",
     "decoder": "tokenizer.decoder_size",
+    "crop": "data.crop",  # the clip size trained on, "HxW" (e.g. crop=16x16,32x32)
 }
 
 

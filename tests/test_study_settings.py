@@ -181,7 +181,7 @@ def test_a_study_whose_val_split_is_empty_stops_before_any_run(
 
 
 def test_register_best_says_when_no_trial_has_the_objective(tmp_path, mlflow_uri, capsys):
-    from vitok.pipelines.study_report import register_best
+    from vitok.pipelines.study_best import register_best
     from vitok.platform.study import StudyStore
     from vitok.platform.tracking import TrackingConfig
 
