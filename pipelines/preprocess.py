@@ -53,7 +53,9 @@ def data_overrides(overrides: list[str]) -> list[str]:
     for item in overrides:
         key = item.partition("=")[0].strip()
         head = key.split(".", 1)[0]
-        out.append(f"data.{item.strip()}" if head not in TOP_LEVEL and head in DATA_FIELDS else item)
+        out.append(
+            f"data.{item.strip()}" if head not in TOP_LEVEL and head in DATA_FIELDS else item
+        )
     return out
 
 
