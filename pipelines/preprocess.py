@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['files_rejected']} rejected; clips: {prepared.num_train} train, "
         f"{prepared.num_val} val; labels: {len(prepared.label_map)}"
     )
+    if prepared.reused:
+        print("decoded now:  none (committed before: reused)")
+    else:
+        print(f"decoded now:  {prepared.decoded_files} of {counts['files_total']} files")
     print(f"data hash:    {prepared.config_hash} (a study of this config reuses these shards)")
     print(f"shards:       {prepared.root} ({len(prepared.files('train'))} train files, ")
     print(f"              {len(prepared.files('val'))} val files; listed in manifest.json)")

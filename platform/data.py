@@ -91,6 +91,9 @@ class DataConfig:
     # Seconds one file may take to decode before it is rejected ("timeout: ..."); 0 decodes
     # in the task's own process, with no timeout and no protection against a crash.
     decode_timeout_s: float = 120.0
+    # FFmpeg's threads per decode: 0 = its own choice (cores + 1, in every decoder at once),
+    # 1 = single-threaded (decode tasks already run one per CPU).
+    decode_threads: int = 0
     # Above this fraction of one source's files rejected, prepare stops: a wrong path or
     # codec, not bad luck. 1.0 never stops.
     max_reject_fraction: float = 0.5
@@ -131,6 +134,7 @@ class DataConfig:
         check_positive("synthetic_videos", self.synthetic_videos)
         check_positive("synthetic_fps", self.synthetic_fps)
         check_positive("decode_timeout_s", self.decode_timeout_s, allow_zero=True)
+        check_positive("decode_threads", self.decode_threads, allow_zero=True)
         check_range("max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
 
     def clip_spec(self) -> ClipSpec:
@@ -141,6 +145,7 @@ class DataConfig:
             clips_per_video=self.clips_per_video,
             clip_stride_s=self.clip_stride_s,
             max_upscale=self.max_upscale,
+            threads=self.decode_threads,
         )
 
 
@@ -334,7 +339,7 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
 
 
 # Operational settings: they change how files are decoded, never the stored clips.
-NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "max_reject_fraction")
+NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "decode_threads", "max_reject_fraction")
 
 
 def _clip_bytes(cfg: DataConfig) -> int:

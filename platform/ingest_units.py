@@ -39,7 +39,7 @@ from vitok.platform.media import Clip, ClipSpec, Rejected, decode_file, decode_f
 SHARDS = "shards"
 UNITS = "units"
 SHARD_BYTES = 64 * 2**20  # a unit's clips, at most (as estimated before decoding)
-UNITS_PER_SPLIT = 64  # small corpora: this many units per split, for parallelism
+UNITS_PER_SPLIT = 16  # small corpora: this many units per split, for parallelism
 ROW_GROUP_BYTES = 16 * 2**20  # clips buffered before a row group is written
 CLIPS_PER_FILE_GUESS = 4  # clips_per_video=0 ("all that fit"): a UCF-101 file gives 2-4
 MARKER_READ_THREADS = 16

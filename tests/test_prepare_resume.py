@@ -70,10 +70,9 @@ def test_a_rerun_decodes_only_units_without_a_marker(ray_local, tmp_path: Path) 
 
     folder = _corpus(tmp_path / "videos", 16)
     cfg = dataclasses.replace(CFG, sources=(f"videos:{folder}",))
-    reference = prepare(cfg, str(tmp_path / "reference"), progress=False)
-    assert reference.decoded_files == 16 and reference.manifest["units"] == 16  # 1 file each
-
-    first = prepare(cfg, str(tmp_path / "store"), progress=False)
+    first = prepare(cfg, str(tmp_path / "store"), progress=False)  # uninterrupted
+    assert first.decoded_files == 16 and first.manifest["units"] == 16  # one file each
+    reference = json.loads(json.dumps(first.manifest))
     data = Path(first.root)
     (data / "manifest.json").unlink()  # as if killed before the commit...
     markers = sorted((data / "units").glob("*.json"))
@@ -89,7 +88,7 @@ def test_a_rerun_decodes_only_units_without_a_marker(ray_local, tmp_path: Path) 
 
     again = prepare(cfg, str(tmp_path / "store"), progress=False)
     assert not again.reused and again.decoded_files == lost_files == 5
-    _same_result(again.manifest, reference.manifest)
+    _same_result(again.manifest, reference)
     after = _tree(data)
     for path in set(kept) - lost_shards:  # committed shards: not written again
         if "train-00099" not in path and not path.endswith(".tmp"):
@@ -137,7 +136,7 @@ def test_killed_preprocess_resumes_where_it_stopped(
     with the shards, counts and manifest of an uninterrupted run."""
     from vitok.pipelines.preprocess import _parser, build_config, main
 
-    files = 24
+    files = 16
     folder = _corpus(tmp_path / "videos", files)
     argv = ["--source", f"videos:{folder}", "--storage", str(tmp_path / "store")]
     argv += ["--set", "frames=8", "--set", "size=[32,32]", "--set", "clips_per_video=1"]
@@ -186,7 +185,7 @@ def test_killed_preprocess_resumes_where_it_stopped(
     assert f"resumed ({files - done_files} files decoded now" in out
     manifest = json.loads((data / "manifest.json").read_text())
     markers = {p.name: json.loads(p.read_text()) for p in units.glob("*.json")}
-    assert len(markers) == manifest["units"] == files
+    assert len(markers) == manifest["units"] and manifest["counts"]["files_total"] == files
     for name, marker in committed.items():  # kept as they were: not decoded again
         assert markers[name] == marker
     redone = [m for m in markers.values() if m["attempt"] == manifest["attempt"]]
@@ -261,3 +260,50 @@ def test_progress_on_a_terminal_redraws_one_line_and_is_quiet_when_disabled() ->
     off.close()
     assert quiet.getvalue() == ""
     assert [format_seconds(s) for s in (5, 75, 4000)] == ["5s", "1m15s", "1h06m"]
+
+
+@pytest.mark.slow  # an S3 server and two preprocess runs with a Ray each (~40 s)
+def test_preprocess_reads_a_corpus_in_s3_into_an_s3_root_and_resumes(tmp_path: Path) -> None:
+    """``--data s3://...`` (listed and decoded from the bucket) and ``--storage s3://...``
+    (shards uploaded whole, units committed by markers): the hash ``--print-config`` shows
+    is the one written, and a rerun after lost markers decodes only their files."""
+    from helpers_cluster import S3Server, base_env
+
+    s3 = S3Server(tmp_path / "s3")
+    try:
+        bucket = s3.make_bucket("corpus")
+        local = _corpus(tmp_path / "videos", 8)
+        for path in sorted(local.rglob("*.mp4")):
+            s3.client().upload_file(str(path), bucket, f"UCF/{path.relative_to(local)}")
+        command = [sys.executable, str(REPO / "pipelines" / "preprocess.py")]
+        command += ["--data", f"s3://{bucket}/UCF", "--storage", f"s3://{bucket}/vitok"]
+        command += ["--set", "frames=8", "--set", "size=[32,32]", "--set", "clips_per_video=1"]
+        command += ["--num-cpus", "2", "--no-progress"]
+        env = base_env(**s3.env)
+
+        def run(*extra: str) -> str:
+            done = subprocess.run([*command, *extra], env=env, capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            return done.stdout
+
+        key = run("--print-config").split("# data hash: ")[1].split()[0]
+        assert f"data hash:    {key}" in run()
+        prefix = f"vitok/data/{key}/"
+        keys = s3.keys(bucket, prefix)
+        manifest = json.loads(
+            s3.client().get_object(Bucket=bucket, Key=f"{prefix}manifest.json")["Body"].read()
+        )
+        assert manifest["counts"]["files_total"] == 8 and manifest["units"] == 8
+        shards = {e["path"] for split in manifest["files"].values() for e in split}
+        markers = [k for k in keys if k.startswith(f"{prefix}units/")]
+        assert {f"{prefix}{p}" for p in shards} <= set(keys) and len(markers) == 8
+        for gone in [f"{prefix}manifest.json", *markers[:3]]:  # a run cut off before these
+            s3.client().delete_object(Bucket=bucket, Key=gone)
+        out = run()
+        assert "decoded now:  3 of 8 files" in out and f"data hash:    {key}" in out
+        again = json.loads(
+            s3.client().get_object(Bucket=bucket, Key=f"{prefix}manifest.json")["Body"].read()
+        )
+        _same_result(again, manifest)
+    finally:
+        s3.stop()
