@@ -265,23 +265,36 @@ def bench_memory(args: argparse.Namespace) -> None:
         "driver, Ray's GCS, raylet, dashboard and workers, decoder children, and Ray's "
         "object store (shared memory, counted once)"
     )
-    print(f"{'files':>6} {'clips':>6} {'seconds':>8} {'peak PSS MB':>12} {'CPU s':>7}")
-    for files in (int(n) for n in args.sizes.split(",")):
+    print(
+        f"{'files':>6} {'clips':>6} {'seconds':>8} {'CPU s':>7} {'peak PSS MB':>12}   "
+        "peak in each quarter of the run   at the peak: MB (processes) by role"
+    )
+    for i, files in enumerate(int(n) for n in args.sizes.split(",")):
         folder = resolve_source(f"ucf:{files}", args.corpus_dir).split(":", 1)[1]
-        root = work / f"mem-{files}"
-        with open(work / f"mem-{files}.log", "w") as log:
+        root = work / f"mem-{i}-{files}"  # a fresh storage root: every run decodes
+        with open(work / f"mem-{i}-{files}.log", "w") as log:
             proc = subprocess.Popen(
                 _command(args, folder, root), env=_env(), stdout=log, stderr=subprocess.STDOUT
             )
             with TreeSampler(proc.pid, interval_s=0.1, memory=True) as sampler:
                 proc.wait()
         if proc.returncode:
-            raise SystemExit(f"preprocess failed ({proc.returncode}): see {work}/mem-{files}.log")
+            raise SystemExit(
+                f"preprocess failed ({proc.returncode}): see {work}/mem-{i}-{files}.log"
+            )
         counts = _manifest(root)["counts"]
         clips = counts["clips_train"] + counts["clips_val"]
+        parts = ", ".join(
+            f"{role} {mb:.0f} ({n})" for role, (mb, n) in sorted(sampler.peak_parts.items())
+        )
+        quarters = [0.0] * 4
+        for t, mb in sampler.history:
+            q = min(3, int(4 * t / sampler.seconds))
+            quarters[q] = max(quarters[q], mb)
         print(
-            f"{files:>6} {clips:>6} {sampler.seconds:>8.1f} {sampler.peak_pss_mb:>12.0f} "
-            f"{sampler.cpu_s:>7.0f}",
+            f"{files:>6} {clips:>6} {sampler.seconds:>8.1f} {sampler.cpu_s:>7.0f} "
+            f"{sampler.peak_pss_mb:>12.0f}   {' / '.join(f'{q:.0f}' for q in quarters)}   "
+            f"{parts}",
             flush=True,
         )
     if not args.workdir:

@@ -39,6 +39,22 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def _role(pid: int, root: int) -> str:
+    """What a process of a prepare run is: the driver, a Ray worker, a decoder child (a
+    ``python -c`` under a worker), or one of Ray's daemons (GCS, raylet, agents)."""
+    if pid == root:
+        return "driver"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    if cmd[0].startswith(b"ray::") and b"Agent" not in cmd[0]:
+        return "workers"
+    if len(cmd) > 1 and cmd[1] == b"-c":
+        return "decoders"
+    return "ray daemons"
+
+
 def tree(root: int) -> dict[int, tuple[int, int]]:
     """``{pid: (start time, cpu ticks)}`` of ``root`` and all its live descendants."""
     stats = {}
@@ -76,6 +92,8 @@ class TreeSampler:
         self.interval_s, self.memory = interval_s, memory
         self.cpu_s = self.cores = self.machine_busy = self.seconds = 0.0
         self.peak_pss_mb = 0.0
+        self.peak_parts: dict[str, tuple[float, int]] = {}  # role: (PSS, processes)
+        self.history: list[tuple[float, float]] = []  # (seconds, total PSS MB) per sample
         self._base: dict[tuple[int, int], int] = {}
         self._last: dict[tuple[int, int], int] = {}
         self._stop = threading.Event()
@@ -85,8 +103,16 @@ class TreeSampler:
         for pid, (start, ticks) in procs.items():
             self._last[(pid, start)] = ticks
         if self.memory:
-            pss = sum(_pss_kb(pid) for pid in procs) / 1024
-            self.peak_pss_mb = max(self.peak_pss_mb, pss)
+            parts: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            for pid in procs:
+                role = _role(pid, self.root)
+                parts[role] = parts.get(role, 0.0) + _pss_kb(pid) / 1024
+                counts[role] = counts.get(role, 0) + 1
+            self.history.append((time.perf_counter() - self._t0, sum(parts.values())))
+            if sum(parts.values()) > self.peak_pss_mb:
+                self.peak_pss_mb = sum(parts.values())
+                self.peak_parts = {k: (v, counts[k]) for k, v in parts.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -77,7 +77,7 @@ def print_data_hash(cfg: ExperimentConfig) -> None:
     comments after ``--print-config``'s config."""
     try:
         key, folder = shards_folder(cfg.data, cfg.storage.root)
-    except (FileNotFoundError, ValueError) as err:  # a source not reachable from here
+    except (OSError, ValueError) as err:  # a source not reachable from here (a path, a bucket)
         print(f"# data hash: not computed here ({err})")
         return
     print(f"# data hash: {key}")

@@ -253,6 +253,12 @@ def decode_unit(
         storage.write_json(marker_uri(folder, unit.name), marker)
     except Exception as err:  # noqa: BLE001 - reported by the driver, which stops
         marker["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        # Arrow's allocator keeps what a unit's row groups used (measured: ~200 MB more
+        # per process at the UCF preset's 16x144x144); hand it back between units.
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
     return marker
 
 
