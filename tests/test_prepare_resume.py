@@ -307,3 +307,28 @@ def test_preprocess_reads_a_corpus_in_s3_into_an_s3_root_and_resumes(tmp_path: P
         _same_result(again, manifest)
     finally:
         s3.stop()
+
+
+def test_print_config_shows_the_hash_of_the_shards_the_study_reuses(ray_local, tmp_path, capsys):
+    """``preprocess.py --preset P --data DIR --print-config`` prints the data hash that the
+    study of the same preset and data computes; the shards preprocess writes are the ones
+    the study's prepare then reuses without decoding."""
+    from vitok.pipelines import scaling_study
+    from vitok.pipelines.experiment import ExperimentConfig
+    from vitok.pipelines.preprocess import main
+    from vitok.platform.config import from_yaml
+
+    folder = _corpus(tmp_path / "videos", 4)
+    args = ["--preset", "demo", "--data", str(folder)]
+    store = ["--storage", str(tmp_path / "store")]
+    assert main([*args, *store, "--print-config"]) == 0
+    printed = capsys.readouterr().out.split("# data hash: ")[1].split()[0]
+    assert (
+        scaling_study.main([*args, "--set", f"storage.root={tmp_path / 'store'}", "--print-config"])
+        == 0
+    )
+    study = from_yaml(ExperimentConfig, capsys.readouterr().out)
+    assert main([*args, *store, "--no-progress"]) == 0
+    assert f"data hash:    {printed}" in capsys.readouterr().out
+    reused = prepare(study.data, study.storage.root, progress=False)
+    assert reused.config_hash == printed and reused.reused and reused.decoded_files == 0
