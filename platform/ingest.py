@@ -269,6 +269,7 @@ def check_reject_fraction(
     raise RejectedSourceError(
         f"prepare stopped: {'; '.join(lines)}, above data.max_reject_fraction="
         f"{cfg.max_reject_fraction:g}. That means a wrong path or an unsupported codec rather "
-        f"than a few bad files. Rejects table (path, reason): {rejects_uri}. Nothing was "
-        "committed; fix the source, or raise data.max_reject_fraction to keep the good files."
+        f"than a few bad files. Rejects table (path, reason): {rejects_uri}. No manifest was "
+        "written; fix the source, or raise data.max_reject_fraction to keep the good files "
+        "(the files decoded so far are not decoded again)."
     )

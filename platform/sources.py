@@ -163,13 +163,14 @@ def list_sources(
             base, kind = str(sample_video_dir()), "videos"
         else:
             base = arg if "://" in arg else str(Path(arg).expanduser().resolve())
-        if kind == "auto":
-            kind = "videos" if _folder_listing(base, "videos") else "images"
+        listing = _folder_listing(base, "videos" if kind == "auto" else kind)
+        if kind == "auto":  # videos if the folder holds any (listed once), else images
+            kind = "videos" if listing else "images"
             if kind == "images" and cfg.frames != 1:
                 raise ValueError(
                     f"sources entry {src!r} holds no videos; as images it needs frames=1"
                 )
-        listing = _folder_listing(base, kind)
+            listing = listing or _folder_listing(base, "images")
         prints.append({"kind": kind, "root": base, "files": digest([list(f) for f in listing])})
         for rel, _, _ in listing:
             name, parent = rel.rsplit("/", 1)[-1], rel.rpartition("/")[0]
