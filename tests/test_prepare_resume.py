@@ -332,3 +332,24 @@ def test_print_config_shows_the_hash_of_the_shards_the_study_reuses(ray_local, t
     assert f"data hash:    {printed}" in capsys.readouterr().out
     reused = prepare(study.data, study.storage.root, progress=False)
     assert reused.config_hash == printed and reused.reused and reused.decoded_files == 0
+
+
+def test_two_writers_at_once_commit_one_result(ray_local, tmp_path: Path) -> None:
+    """Two prepares of the same data at the same time: both decode (the same units, written
+    whole to the same names), the first to commit wins, the other returns that commit."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = _corpus(tmp_path / "videos", 8)
+    cfg = dataclasses.replace(CFG, sources=(f"videos:{folder}",))
+    root = str(tmp_path / "store")
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: prepare(cfg, root, progress=False), range(2))
+    assert a.decoded_files == b.decoded_files == 8  # both decoded: none found a commit
+    assert sorted([a.reused, b.reused]) == [False, True]  # one wrote the manifest
+    assert a.manifest == b.manifest and a.num_train + a.num_val == 8
+    data = Path(a.root)
+    markers = {p.name for p in (data / "units").glob("*.json")}
+    assert len(markers) == a.manifest["units"]
+    assert set(_tree(data)) == _expected_files(a.manifest, markers)
+    assert prepare(cfg, root, progress=False).reused
