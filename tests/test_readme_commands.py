@@ -15,11 +15,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # Commands that finish in seconds on a CPU, run as written.
 RUN_AS_WRITTEN = {"model_stats.py"}
 # Commands that run for minutes or need a cluster or a dataset: resolved, not run.
-PRINT_CONFIG = {"scaling_study.py", "train_tokenizer.py", "train_generator.py"}
+PRINT_CONFIG = {"scaling_study.py", "train_tokenizer.py", "train_generator.py", "preprocess.py"}
 # Checked by their own tests (each is named).
 # Not checkable here, and why (each is exercised by the test named).
 ELSEWHERE = {
-    "preprocess.py": "tests/test_data_ray.py::test_preprocess_cli_applies_source_and_set_together",
     "benchmark.py": "a benchmark that prints figures, minutes long",
     "cluster_check.py": "tests/test_cluster.py (it needs a cluster to check)",
 }
