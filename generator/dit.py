@@ -73,7 +73,7 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """A pre-norm block with adaLN-Zero: shift/scale/gate per branch from c.
+    """A pre-norm block with adaLN-Zero: shift/scale/gate per branch from the conditioning.
 
     `adaLN_modulation` is zero-initialised, so a fresh block is the identity.
     """
@@ -87,16 +87,18 @@ class DiTBlock(nn.Module):
         self.mlp = SwiGLU(width, swiglu_hidden(width, mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, c: Tensor, rope: Rope | None) -> Tensor:
-        """x: (B, L, D), c: (B, D) conditioning, rope: (cos, sin) (L, head_dim/2) -> (B, L, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+    def forward(self, x: Tensor, cond: Tensor, rope: Rope | None) -> Tensor:
+        """x: (B, L, D), cond: (B, D) conditioning, rope: (cos, sin) (L, head_dim/2)
+        -> (B, L, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(cond).chunk(6, dim=-1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated norm, then Linear(width -> c): (B, L, D) -> (B, L, c)."""
+    """adaLN-modulated norm, then Linear(width -> c): (B, L, D) -> (B, L, c), c the latent
+    channels."""
 
     def __init__(self, width: int, out_channels: int) -> None:
         super().__init__()
@@ -104,8 +106,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, out_channels)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, D) each
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """x: (B, L, D), cond: (B, D) conditioning -> (B, L, c)."""
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)  # (B, D) each
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -154,24 +157,27 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, z_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """z_t: (B, t, h, w, c) noisy latents, t: (B,), y: (B,) int -> eps: (B, t, h, w, c)."""
+        """z_t: (B, t, h, w, c) noisy latents, t: (B,) diffusion timesteps, y: (B,) int
+        -> eps: (B, t, h, w, c). In the body the latent grid is (nt, nh, nw) and ``cond`` the
+        conditioning vector; ``c`` is only ever the latent channel axis."""
         _, nt, nh, nw, _ = z_t.shape
         x = rearrange(z_t, "b t h w c -> b (t h w) c")  # (B, L, c)
         x = self.token_embed(x.to(self.token_embed.weight.dtype))  # (B, L, D), bf16 under DS
         rope = axial_rope((nt, nh, nw), self.head_dim, device=x.device)  # (L, head_dim/2) x 2
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        cond = self.t_embedder(t) + self.y_embedder(y)  # (B, D) timestep + class
         for blk in self.blocks:
-            x = blk(x, c, rope)
-        x = self.final_layer(x, c)  # (B, L, c)
+            x = blk(x, cond, rope)
+        x = self.final_layer(x, cond)  # (B, L, c)
         return rearrange(x, "b (t h w) c -> b t h w c", t=nt, h=nh, w=nw)
 
     def forward_with_cfg(self, z_t: Tensor, t: Tensor, y: Tensor, guidance: float) -> Tensor:
-        """Classifier-free guidance: uncond + guidance * (cond - uncond), one batched pass.
+        """Classifier-free guidance: eps_uncond + guidance * (eps_cond - eps_uncond), one
+        batched pass.
 
         Same shapes as `forward`; guidance 1 is the conditional prediction, 0 the
         unconditional one.
         """
         y_null = torch.full_like(y, self.num_classes)
         out = self(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([y, y_null]))
-        cond, uncond = out.chunk(2, dim=0)  # (B, t, h, w, c) each
-        return uncond + guidance * (cond - uncond)
+        eps_cond, eps_uncond = out.chunk(2, dim=0)  # (B, t, h, w, c) each
+        return eps_uncond + guidance * (eps_cond - eps_uncond)

@@ -14,10 +14,9 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from vitok.generator.config import GeneratorConfig
@@ -106,40 +105,25 @@ def _current_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {_OLD_BLOCK.sub(r"\1", k): v for k, v in state.items()}
 
 
-class DiffusionLossEvaluator:
-    """The diffusion loss over a split (no label dropout; timesteps and noise drawn from a
-    fixed seed, ``repeats`` draws per clip), averaged across workers."""
-
-    def __init__(self, cfg: GeneratorConfig, repeats: int = 4, seed: int = 1234) -> None:
-        self.objective: Objective = build_objective(dataclasses.replace(cfg, class_dropout=0.0))
-        self.repeats, self.seed = repeats, seed
-        self.total, self.count, self.batches = 0.0, 0, 0
-
-    def update(self, model: nn.Module, batch: dict[str, Tensor]) -> None:
-        z, y = batch["z"], batch["label"].long()  # (B, t, h, w, c), (B,)
-        for r in range(self.repeats):
-            gen = torch.Generator(device=z.device)
-            gen.manual_seed(self.seed + 1000 * self.batches + r)
-            loss, _ = self.objective.training_loss(model, z, y, generator=gen)
-            self.total += float(loss.detach()) * z.shape[0]
-            self.count += z.shape[0]
-        self.batches += 1
-
-    def compute(self) -> dict[str, float]:
-        sums = torch.tensor([self.total, float(self.count)], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                sums = sums.cuda()
-            dist.all_reduce(sums)
-        total, count = sums.tolist()
-        return {"diffusion_loss": total / max(count, 1.0)}
-
-
 @dataclass(frozen=True)
-class MakeDiffusionEvaluator:
-    """Picklable ``() -> DiffusionLossEvaluator`` for the platform's training job."""
+class DiffusionLoss:
+    """The diffusion loss of a batch for evaluation (no label dropout; timesteps and noise
+    drawn from a fixed seed and the batch's index, ``repeats`` draws per clip): the batch's
+    mean of each draw, once per clip (so batches weigh by their size). The platform's
+    ``MeanEvaluator`` averages it over a split and across workers."""
 
     cfg: GeneratorConfig
+    repeats: int = 4
+    seed: int = 1234
+    names: ClassVar[tuple[str, ...]] = ("diffusion_loss",)
 
-    def __call__(self) -> DiffusionLossEvaluator:
-        return DiffusionLossEvaluator(self.cfg)
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+        objective = build_objective(dataclasses.replace(self.cfg, class_dropout=0.0))
+        z, y = batch["z"], batch["label"].long()  # (B, t, h, w, c), (B,)
+        draws = []
+        for r in range(self.repeats):
+            gen = torch.Generator(device=z.device)
+            gen.manual_seed(self.seed + 1000 * index + r)
+            loss, _ = objective.training_loss(model, z, y, generator=gen)
+            draws.append(loss.detach().float().expand(z.shape[0]))  # (B,)
+        return {"diffusion_loss": torch.cat(draws)}  # (repeats * B,)

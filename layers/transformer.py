@@ -118,13 +118,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def init_linear(module: nn.Module, std: float | None = None) -> None:
-    """Xavier-uniform (or normal with `std`) weights and zero biases for every nn.Linear."""
+def init_linear(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every nn.Linear (in `modules()` order)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            if std is None:
-                nn.init.xavier_uniform_(m.weight)
-            else:
-                nn.init.normal_(m.weight, std=std)
+            nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

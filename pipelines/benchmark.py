@@ -1,7 +1,10 @@
 """Benchmarks that print figures (they are not tests).
 
-    python pipelines/benchmark.py data            # preprocessing: Ray Data vs a plain loop
-    python pipelines/benchmark.py data --synthetic-videos 48 --size 128
+    python pipelines/benchmark.py data            # prepare: Ray Data vs a process pool
+    python pipelines/benchmark.py data --sources videos:/data/UCF-101 --threads 1
+    python pipelines/benchmark.py prepare-memory  # peak memory at two corpus sizes
+    python pipelines/benchmark.py prepare-resume  # a killed preprocess, rerun
+    python pipelines/benchmark.py corpus /tmp/ucf-200 --files 200   # a UCF-shaped corpus
     python pipelines/benchmark.py ingest          # the training read path (bench_read.py)
     python pipelines/benchmark.py faults          # the fault table (vitok.platform.faults)
     python pipelines/benchmark.py faults --only claim,shard
@@ -14,8 +17,6 @@ optional ``<name>_arguments(parser)`` hook registered alongside.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import shutil
 import sys
 import tempfile
@@ -35,153 +36,53 @@ def benchmark(name: str, help: str, arguments: Callable[[argparse.ArgumentParser
 
 
 # ----------------------------------------------------------------------------- data
-def _data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sources", default="samples,synthetic", help="comma-separated sources")
-    p.add_argument("--synthetic-videos", type=int, default=24)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--size", type=int, default=64, help="stored clips are size x size")
-    p.add_argument("--clips-per-video", type=int, default=2)
-    p.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
-
-
-def _plain_loop(files: list, spec, out: Path, timeout_s: float = 0.0) -> int:
-    """Single process: decode every file with the same PyAV code, write one Parquet file.
-    With ``timeout_s``, each file goes through the isolated decoder child (as prepare does)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from vitok.platform.media import Rejected, decode_file, decode_file_isolated
-
-    clips, labels = [], []
-    for f in files:
-        try:
-            if timeout_s:
-                decoded = decode_file_isolated(f.path, spec, timeout_s)
-            else:
-                decoded = decode_file(f.path, spec)
-        except Rejected:
-            continue
-        clips += [c.clip.tobytes() for c in decoded]
-        labels += [f.label] * len(decoded)
-    out.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"clip": pa.array(clips, pa.binary()), "label": pa.array(labels)})
-    pq.write_table(table, out / "clips.parquet")
-    return len(clips)
-
-
-def _row(name: str, method: str, clips: float, seconds: float, in_mb: float, out_mb: float):
-    print(
-        f"{name:<10} {method:<26} {clips:>7.0f} {seconds:>8.2f} {clips / seconds:>9.1f} "
-        f"{in_mb / seconds:>10.2f} {out_mb / seconds:>11.2f}"
-    )
-
-
-@benchmark("data", "preprocessing throughput: Ray Data vs a plain PyAV loop", _data_arguments)
+# The prepare benchmarks live in bench_prepare.py; these entries dispatch to it.
+@benchmark(
+    "data",
+    "prepare's throughput: Ray Data vs a process pool on every core, CPU use, the ratio",
+    lambda p: _prepare_module().data_arguments(p),
+)
 def bench_data(args: argparse.Namespace) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
-        )
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="vitok-bench-"))
-    try:
-        import decord  # noqa: F401
-
-        has_decord = True
-    except ImportError:
-        has_decord = False
-    ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b).count()  # warm workers
-
-    print(
-        f"clips of {args.frames} frames at {args.fps:g} fps, {args.size}x{args.size}, "
-        f"<= {args.clips_per_video} per video, {args.num_cpus} CPUs; MB/s in = source file "
-        "bytes, out = uint8 clip bytes"
-    )
-    print(
-        f"{'source':<10} {'method':<26} {'clips':>7} {'seconds':>8} {'clips/s':>9} "
-        f"{'in MB/s':>10} {'out MB/s':>11}"
-    )
-    for source in args.sources.split(","):
-        _bench_source(args, source, work, has_decord)
-    if not has_decord:
-        print(
-            "note: ray.data.read_videos: skipped, decord is not installed (pip install "
-            "decord); it yields single frames (stride round(src/target fps), squashing "
-            "resize), not clips"
-        )
-    else:
-        print(
-            "note: read_videos yields single frames (integer stride, squashing resize, every "
-            "file decoded in full): 'clips' = frames / T, no clip assembly, no Parquet write"
-        )
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
+    _prepare_module().bench_data(args)
 
 
-def _bench_source(args: argparse.Namespace, source: str, work: Path, has_decord: bool) -> None:
-    """One source, five ways: prepare (isolated and in-process decode), a plain PyAV loop
-    (in-process and isolated), and Ray Data's read_videos when decord is installed."""
-    import ray
+@benchmark(
+    "prepare-memory",
+    "peak memory of preprocess.py (its whole process tree, Ray included) at corpus sizes",
+    lambda p: _prepare_module().memory_arguments(p),
+)
+def bench_prepare_memory(args: argparse.Namespace) -> None:
+    _prepare_module().bench_memory(args)
 
-    from vitok.platform.data import DataConfig, prepare
-    from vitok.platform.sources import list_sources
 
-    cfg = DataConfig(
-        sources=(source,),
-        frames=args.frames,
-        fps=args.fps,
-        size=(args.size, args.size),
-        clips_per_video=args.clips_per_video,
-        synthetic_videos=args.synthetic_videos,
-    )
-    root = str((work / f"ray-{source}").resolve())
-    files, _ = list_sources(cfg, f"{root}/data")  # renders synthetic (as prepare would)
-    in_mb = sum(os.path.getsize(f.path) for f in files) / 1e6
-    clip_mb = args.frames * args.size * args.size * 3 / 1e6
+@benchmark(
+    "prepare-resume",
+    "a full preprocess.py against one SIGKILLed mid-way and rerun: time, files decoded",
+    lambda p: _prepare_module().resume_arguments(p),
+)
+def bench_prepare_resume(args: argparse.Namespace) -> None:
+    _prepare_module().bench_resume(args)
 
-    # Each file decoded in an isolated child (as prepare does), then in the task's own
-    # process (no timeout, no protection from a hung or crashing decoder): what isolation costs.
-    for method, run_cfg, folder in (
-        ("ray data (prepare)", cfg, f"ray-{source}"),
-        (
-            "prepare, in-process decode",
-            dataclasses.replace(cfg, decode_timeout_s=0.0),
-            f"ray-inproc-{source}",
-        ),
-    ):
-        t = time.perf_counter()
-        prepared = prepare(run_cfg, str((work / folder).resolve()), progress=False)
-        n = prepared.num_train + prepared.num_val
-        _row(source, method, n, time.perf_counter() - t, in_mb, n * clip_mb)
 
-    spec, timeout = cfg.clip_spec(), cfg.decode_timeout_s
-    t = time.perf_counter()
-    n_plain = _plain_loop(files, spec, work / f"plain-{source}")
-    _row(
-        source,
-        "plain PyAV loop (1 proc)",
-        n_plain,
-        time.perf_counter() - t,
-        in_mb,
-        n_plain * clip_mb,
-    )
-    _plain_loop(files[:1], spec, work / f"isolated-warm-{source}", timeout)  # child up
-    t = time.perf_counter()
-    n_iso = _plain_loop(files, spec, work / f"isolated-{source}", timeout)
-    _row(source, "same, isolated decoder", n_iso, time.perf_counter() - t, in_mb, n_iso * clip_mb)
+def _corpus_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="folder to write into (files already there are kept)")
+    p.add_argument("--files", type=int, default=200)
+    p.add_argument("--classes", type=int, default=10)
 
-    if has_decord:
-        t = time.perf_counter()
-        ds = ray.data.read_videos(
-            [f.path for f in files], fps=round(args.fps), resize=(args.size, args.size)
-        )
-        equiv = ds.count() / args.frames
-        _row(
-            source, "read_videos (frames/T)", equiv, time.perf_counter() - t, in_mb, equiv * clip_mb
-        )
+
+@benchmark("corpus", "write a UCF-101-shaped corpus (H.264 320x240, 25 fps)", _corpus_arguments)
+def bench_corpus(args: argparse.Namespace) -> None:
+    from vitok.pipelines.bench_corpus import write_corpus
+
+    root = write_corpus(args.root, args.files, classes=args.classes)
+    size = sum(p.stat().st_size for p in root.rglob("*.mp4"))
+    print(f"{args.files} files in {root} ({size / 1e6:.1f} MB)")
+
+
+def _prepare_module():
+    from vitok.pipelines import bench_prepare
+
+    return bench_prepare
 
 
 # ----------------------------------------------------------------------------- train
@@ -364,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         arguments(sub.add_parser(name, help=help))
     sub.add_parser("all", help="every benchmark with its defaults")
     args = parser.parse_args(argv)
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n != "corpus"] if args.name == "all" else [args.name]
     for name in names:
         help, arguments, fn = BENCHMARKS[name]
         run_args = args

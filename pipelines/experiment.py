@@ -1,7 +1,11 @@
 """The root config of one experiment (data -> tokenizer -> generator).
 
-Functions take the sub-config they need; this root exists to nest, validate across
-components, round-trip to YAML and take ``--set a.b=value`` overrides.
+It nests the components' configs, validates across them (the tokenizer's input size
+derived from the data, ASHA's need for evaluations during training), round-trips to YAML
+and takes ``--set a.b=value`` overrides. The stages and the study in ``pipelines/`` take
+this root, since each wires several sections together; the components they call
+(``platform/``, ``tokenizer/``, ``generator/``) take only their own section (see
+ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import ClassVar
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.search import SearchConfig
 from vitok.platform import storage
-from vitok.platform.config import to_yaml
+from vitok.platform.config import from_dict, to_yaml
 from vitok.platform.data import DataConfig
 from vitok.platform.metrics import MetricsConfig
 from vitok.platform.storage import StorageConfig
@@ -78,17 +82,15 @@ class ExperimentConfig:
             object.__setattr__(
                 self, "tokenizer", dataclasses.replace(self.tokenizer, input_size=wanted)
             )
+        _check_asha_can_act(self.search, self.train)
 
     @classmethod
     def normalize_dict(cls, data: dict) -> dict:
         """Before validation: the tokenizer's input_size follows the data section; a given
         one (a dumped config holds it) must equal it."""
-        data_sec = dict(data.get("data") or {})
-        defaults = DataConfig()
-        frames = data_sec.get("frames", defaults.frames)
-        crop = data_sec.get("crop", defaults.crop) if "crop" in data_sec else defaults.crop
-        size = crop or data_sec.get("size", defaults.size)
-        wanted = [frames, *list(size)]
+        wanted = list(
+            derived_input_size(from_dict(DataConfig, data.get("data") or {}, _path="data"))
+        )
         tok = dict(data.get("tokenizer") or {})
         given = tok.get("input_size")
         if given is not None:
@@ -101,6 +103,20 @@ class ExperimentConfig:
     def run_dir(self, name: str) -> str:
         """The storage folder of a standalone run (its MLflow run id, Ray Train storage)."""
         return storage.join(self.storage.uri, "runs", name)
+
+
+def _check_asha_can_act(search: SearchConfig, train: TrainConfig) -> None:
+    """ASHA compares trials at equal numbers of evaluations during training: without any
+    (``train.eval_every=0``) each trial reports once, at its end, and nothing is stopped."""
+    if search.mode != "optuna" or train.eval_every > 0:
+        return
+    for name, value in (("asha", search.asha), ("asha_grace_period", search.asha_grace_period)):
+        if value not in (None, False):
+            raise ValueError(
+                f"search.{name}={value!r} does nothing with train.eval_every=0: each trial "
+                "reports once, at its end, so ASHA has nothing to compare; set "
+                f"train.eval_every=N (evaluations during training), or drop search.{name}"
+            )
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -47,7 +47,7 @@ from vitok.platform.feature_pool import (
     resolve_networks,
 )
 from vitok.platform.latents import LatentSet, LatentStats, pool_tokens
-from vitok.platform.metrics import FeatureMoments, MetricsConfig, to_uint8
+from vitok.platform.metrics import FeatureMoments, MetricsConfig, to_uint8, to_unit_float
 from vitok.platform.tracking import RunLogger
 from vitok.platform.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
@@ -249,7 +249,7 @@ def evaluate_generation(
     metrics = generation_metrics(generated, real, reference, real_networks, real_clips)
     if logger:
         ids = preview_ids(count, len(names), PREVIEW_PER_CLASS)
-        clips = torch.from_numpy(preview_clips(spec, ids, workers)).float() / 127.5 - 1
+        clips = to_unit_float(torch.from_numpy(preview_clips(spec, ids, workers)))
         log_samples(logger, clips, [i % len(names) for i in ids], names, cfg.data.fps)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     print(f"[vitok] generation eval: {shown}", flush=True)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vitok.generator.dit import DiT
-from vitok.generator.task import GeneratorTask, MakeDiffusionEvaluator
+from vitok.generator.task import DiffusionLoss, GeneratorTask
 from vitok.pipelines.checkpoint_models import TokenizerEncoder
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.generation_eval import GenerationSections, evaluate_generation
@@ -31,6 +31,7 @@ from vitok.platform import storage
 from vitok.platform.config import to_dict
 from vitok.platform.data import PreparedData, clip_datasets
 from vitok.platform.latents import LatentBatch, LatentSet, extract_latents, keyed_dir
+from vitok.platform.metrics import MakeMeanEvaluator
 from vitok.platform.tracking import RunLogger, owned_run
 from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_recorded_training
 from vitok.tokenizer.config import TokenizerConfig
@@ -97,7 +98,9 @@ def run_generator(
             task=GeneratorTask(cfg.generator, latent_set.latent_shape[-1]),
             train=train,
             batch_fn=LatentBatch(latent_set.stats),
-            make_evaluator=MakeDiffusionEvaluator(cfg.generator) if "val" in datasets else None,
+            make_evaluator=MakeMeanEvaluator(DiffusionLoss(cfg.generator))
+            if "val" in datasets
+            else None,
             columns=("latent", "label"),
             tokens_per_sample=params["L"],
             tracking=cfg.tracking,

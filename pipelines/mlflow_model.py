@@ -39,10 +39,12 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 f"expected uint8 clips (B, T, H, W, 3), got {clips.dtype} {clips.shape}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(clips)).float() / 127.5 - 1.0
+        from vitok.platform.pixel_metrics import to_uint8, to_unit_float
+
+        x = to_unit_float(torch.from_numpy(np.ascontiguousarray(clips)))
         with torch.no_grad():
             recon, _ = self.tokenizer(x, sample=False)
-        return ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        return to_uint8(recon).numpy()
 
 
 def signature(input_size: tuple[int, int, int]) -> mlflow.models.ModelSignature:

@@ -15,37 +15,48 @@ FLOPs: torch's counter counts a multiply-add as 2 FLOPs. The paper's "GFLOPs" co
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Any
 
 import numpy as np
 
 from vitok.tokenizer.config import TokenizerConfig
-from vitok.tokenizer.flops import forward_flops, param_counts
+from vitok.tokenizer.flops import forward_flops, meta_model, param_counts
 
 
 def tokenizer_params(model: TokenizerConfig) -> dict[str, Any]:
     """What a run logs about its tokenizer: variant, p, q, c, E, L, sizes, params, FLOPs
-    (computed once from the config; never read back from a run's params)."""
-    counts = param_counts(model)
-    flops = forward_flops(model)
-    return {
-        "variant": model.variant,
-        "encoder_size": model.encoder_size,
-        "decoder_size": model.decoder_size,
-        "p": model.patch,
-        "q": model.tubelet,
-        "c": model.channels,
-        "L": model.num_tokens,
-        "E": model.latent_floats,
-        "log2_E": float(np.log2(model.latent_floats)),
-        "pixels_per_float": model.pixels_per_float,
-        "frames": model.input_size[0],
-        "encoder_params_M": counts["encoder"] / 1e6,
-        "decoder_params_M": counts["decoder"] / 1e6,
-        "params_M": counts["total"] / 1e6,
-        "gflops": flops["gflops"],
-    }
+    (computed from the config, once per config and process: a study trial asks twice; never
+    read back from a run's params)."""
+    return dict(_tokenizer_params(model))
+
+
+@functools.lru_cache(maxsize=64)
+def _tokenizer_params(model: TokenizerConfig) -> tuple[tuple[str, Any], ...]:
+    built = meta_model(model)  # one meta-device build for the counts and the FLOPs
+    counts = param_counts(model, built)
+    flops = forward_flops(model, model=built)
+    return tuple(
+        {
+            "variant": model.variant,
+            "encoder_size": model.encoder_size,
+            "decoder_size": model.decoder_size,
+            "p": model.patch,
+            "q": model.tubelet,
+            "c": model.channels,
+            "L": model.num_tokens,
+            "E": model.latent_floats,
+            "log2_E": float(np.log2(model.latent_floats)),
+            "pixels_per_float": model.pixels_per_float,
+            "frames": model.input_size[0],
+            "input": "x".join(str(n) for n in model.input_size),  # T x H x W
+            "encoder_params_M": counts["encoder"] / 1e6,
+            "decoder_params_M": counts["decoder"] / 1e6,
+            "params_M": counts["total"] / 1e6,
+            "gflops": flops["gflops"],
+        }.items()
+    )
 
 
 def parse_input(text: str) -> tuple[int, int, int]:
@@ -66,8 +77,9 @@ def variant_stats(
 ) -> dict[str, object]:
     """One row: variant, input, params (M), L, E, pixels/float, forward GFLOPs and GMACs."""
     cfg = TokenizerConfig.from_variant(variant, channels=channels, input_size=input_size)
-    params = param_counts(cfg)
-    flops = forward_flops(cfg)
+    built = meta_model(cfg)
+    params = param_counts(cfg, built)
+    flops = forward_flops(cfg, model=built)
     return {
         "variant": cfg.variant,
         "input": "x".join(str(n) for n in cfg.input_size),

@@ -1,18 +1,35 @@
-"""Checks a study runs before any compute: weight files, data paths, cluster resources
-(asking an autoscaler for them), and that a resumed study keeps its config."""
+"""Checks a study runs before any compute: weight files, data paths, objectives a trial
+produces, cluster resources (asking an autoscaler for them), and that a resumed study keeps
+its config."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vitok.pipelines.cli import (
     ExperimentConfig,
     dump_config,
 )
+from vitok.pipelines.search import parse_objective
+from vitok.pipelines.study_trial import objective_key
 from vitok.platform import storage
 from vitok.platform.data import ensure_ray
+from vitok.platform.metrics import I3D_ENV, INCEPTION_ENV
 from vitok.platform.study import (
     StudyStore,
+)
+
+# What a trial's row holds besides its tokenizer's numeric params (``tokenizer_params``).
+TIME_METRICS = ("time/trial_s", "time/work_s", "time/platform_share", "time/to_first_step_s")
+GEN_METRICS = (
+    "diffusion_loss",
+    "frechet_pixels",
+    "frechet_tokenizer_latent",
+    "gfid",
+    "gfvd",
+    "samples",
+    "real_samples",
 )
 
 
@@ -53,6 +70,60 @@ def missing_weight_files(cfg: ExperimentConfig) -> list[str]:
         elif not Path(path).expanduser().is_file():
             problems.append(f"metrics.{field}={path!r} ({metric}) is not a file on this node")
     return problems
+
+
+def trial_metrics(cfg: ExperimentConfig, num_val: int | None = None) -> dict[str, str]:
+    """Every number a trial's row can hold, mapped to "" when this study's trials produce it
+    and otherwise to what they would need. ``num_val``: the val clips ``prepare`` gave (None
+    before it ran: ``data.val_fraction`` decides)."""
+    from vitok.pipelines.model_stats import tokenizer_params
+
+    out = {k: "" for k, v in tokenizer_params(cfg.tokenizer).items() if _is_number(v)}
+    out.update(dict.fromkeys(TIME_METRICS, ""))
+    val = ""
+    if cfg.data.val_fraction == 0:
+        val = "a val split: data.val_fraction=0.0 holds none out (set it > 0)"
+    elif num_val == 0:
+        val = f"a val split: data.val_fraction={cfg.data.val_fraction} gave 0 val clips"
+    inception = cfg.metrics.inception_weights or os.environ.get(INCEPTION_ENV)
+    i3d = cfg.metrics.i3d_weights or os.environ.get(I3D_ENV)
+    fid = "" if inception else f"metrics.inception_weights (or {INCEPTION_ENV})"
+    fvd = "" if i3d else f"metrics.i3d_weights (or {I3D_ENV})"
+    if not fvd and cfg.data.frames < cfg.metrics.fvd_num_frames:
+        fvd = f"data.frames={cfg.data.frames} >= metrics.fvd_num_frames"
+    lpips = "" if cfg.loss.lpips_available else "loss.vgg_weights and loss.lpips_weights"
+    needs = {"psnr": "", "ssim": "", "lpips": lpips, "fid": fid, "fvd": fvd}
+    out.update({f"val/{k}": val or need for k, need in needs.items()})
+    gen = "" if cfg.generator_train is not None else "a generator: set generator_train.*"
+    for name in GEN_METRICS:
+        need = {"gfid": fid, "gfvd": fvd, "diffusion_loss": val}.get(name, "")
+        out[f"gen/{name}"] = gen or need
+    return out
+
+
+def objective_problems(cfg: ExperimentConfig, num_val: int | None = None) -> list[str]:
+    """Each of ``search.objectives`` that no trial of this study would produce, with the
+    setting it needs: Tune's own check is off (results during training carry only the
+    evaluations), and the best trial is picked by the first objective."""
+    produced = trial_metrics(cfg, num_val)
+    problems = []
+    for objective in cfg.search.objectives:
+        key = objective_key(parse_objective(objective)[0])
+        if key not in produced:
+            names = sorted(k for k, need in produced.items() if not need)
+            problems.append(
+                f"search.objectives: {objective!r} names {key!r}, which no trial produces; "
+                f"a trial's numbers are {names}"
+            )
+        elif produced[key]:
+            problems.append(
+                f"search.objectives: {objective!r} ({key}) needs {produced[key]}; or drop it"
+            )
+    return problems
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def resource_problems(cfg: ExperimentConfig) -> tuple[list[str], list[dict[str, float]]]:
@@ -108,7 +179,7 @@ def preflight(cfg: ExperimentConfig, wait_s: float = 1800.0) -> bool:
     from vitok.platform import cluster
     from vitok.platform.sources import parse_source
 
-    problems = missing_weight_files(cfg)
+    problems = missing_weight_files(cfg) + objective_problems(cfg)
     for src in cfg.data.sources:
         kind, path = parse_source(src)
         if path and storage.is_local(path) and not Path(path).expanduser().exists():
@@ -133,7 +204,13 @@ def check_resumable(store: StudyStore, cfg: ExperimentConfig, *, force: bool) ->
     ``force``."""
     from vitok.platform.config import flatten_dict, from_yaml, to_dict
 
-    stored = from_yaml(ExperimentConfig, storage.read_text(store.path("config.yaml")))
+    try:
+        stored = from_yaml(ExperimentConfig, storage.read_text(store.path("config.yaml")))
+    except ValueError as err:  # written by an older version that accepted it
+        raise SystemExit(
+            f"error: the stored config of {store.name} no longer loads ({err}); fix "
+            f"{store.path('config.yaml')} to match, or start a new study"
+        ) from None
     before, after = flatten_dict(to_dict(stored)), flatten_dict(to_dict(cfg))
     ignore = {"name", "storage.root", "tracking.uri"}  # where it runs, not what it computes
     differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))

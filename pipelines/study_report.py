@@ -1,5 +1,8 @@
-"""The study's report and console: the trial table, scaling plots with fits and R^2, the
-paper's numbers beside ours, the time shares, and the best tokenizer registered in MLflow."""
+"""The study's report and console: the trial table, scaling plots with fits and R^2 (each
+with its direction), the Pareto front of a multi-objective study (``study_front.py``), the
+pixels-per-float transfer and equal-E checks (``study_transfer.py``), the paper's numbers
+beside ours, the time shares, the best tokenizer(s) registered in MLflow
+(``study_best.py``), and the links that open the study in MLflow's UI."""
 
 from __future__ import annotations
 
@@ -13,11 +16,14 @@ from vitok.pipelines.cli import (
     ExperimentConfig,
 )
 from vitok.pipelines.paper import FINDINGS, paper_row
-from vitok.pipelines.search import parse_objective
-from vitok.pipelines.study_trial import objective_key, time_shares
+from vitok.pipelines.study_best import FRONT_RULE, print_best, study_objectives
+from vitok.pipelines.study_front import front_section, mark_front
+from vitok.pipelines.study_mlflow import description, mlflow_links
+from vitok.pipelines.study_transfer import transfer_console, transfer_sections
+from vitok.pipelines.study_trial import time_shares
 from vitok.platform import storage
-from vitok.platform.config import apply_overrides
 from vitok.platform.report import (
+    Fit,
     console_table,
     markdown_table,
     scaling_figure,
@@ -35,9 +41,11 @@ class StudyResult:
     store: StudyStore
     rows: list[dict[str, Any]]
     failed: list[dict[str, Any]]
-    fits: dict[str, float]
+    fits: dict[str, Fit]  # "E/val/psnr" -> the fit (R^2, slope, direction)
     parent_run_id: str | None
-    best: dict[str, Any] | None = None  # the registered best tokenizer: trial, uri
+    # The registered best tokenizer ({trial, uri}), or the Pareto front of a multi-objective
+    # study ({rule: "pareto front", front: [{trial, uri, objective values}]}).
+    best: dict[str, Any] | None = None
 
 
 def trial_line(result: dict[str, Any]) -> str:
@@ -49,45 +57,6 @@ def trial_line(result: dict[str, Any]) -> str:
     if "time/platform_share" in result:
         shown.append(f"platform {result['time/platform_share']:.0%}")
     return ", ".join(shown) or "no metrics"
-
-
-def register_best(
-    cfg: ExperimentConfig, store: StudyStore, rows: list[dict[str, Any]]
-) -> dict[str, Any] | None:
-    """Register the best trial's tokenizer (first objective) as an MLflow model version,
-    once per best trial (a resumed study with the same best registers nothing new)."""
-    from vitok.pipelines.model_registry import register_tokenizer
-
-    name = cfg.tracking.registered_model
-    metric, mode = parse_objective(cfg.search.objectives[0])
-    key = objective_key(metric)
-    scored = [r for r in rows if isinstance(r.get(key), int | float) and r.get("tokenizer_run_id")]
-    if not name or not cfg.tracking.enabled or not scored:
-        return None
-    best = (max if mode == "max" else min)(scored, key=lambda r: r[key])
-    record_uri = store.path("registered_model.json")
-    if storage.exists(record_uri):
-        record = storage.read_json(record_uri)
-        if record.get("trial") == best["trial"]:
-            return record
-    overrides = store.results()[best["trial"]].get("overrides", [])
-    tokenizer = apply_overrides(cfg, list(overrides)).tokenizer
-    tags = {"study": store.name, "trial": best["trial"], key: best[key], "E": best.get("E", "")}
-    try:
-        uri = register_tokenizer(
-            cfg.tracking.uri,
-            best["tokenizer_run_id"],
-            best["tokenizer_checkpoint"],
-            tokenizer,
-            name,
-            tags,
-        )
-    except Exception as err:  # e.g. a tracking store without a model registry
-        print(f"[vitok] warning: could not register the best tokenizer as {name!r}: {err}")
-        return None
-    record = {"trial": best["trial"], "uri": uri, key: best[key]}
-    storage.write_json(record_uri, record)
-    return record
 
 
 PLOT_METRICS = [
@@ -112,6 +81,8 @@ TABLE_COLUMNS = [
     "L",
     "E",
     "pixels_per_float",
+    "input",  # the clip size, T x H x W
+    "seed",  # train.seed
     "encoder_params_M",
     "decoder_params_M",
     "gflops",
@@ -125,6 +96,7 @@ TABLE_COLUMNS = [
     "gen/frechet_pixels",  # a fixed space shared by every trial (frechet_tokenizer_latent
     "gen/gfid",  # is in each tokenizer's own latent space: in its trial's run only)
     "gen/gfvd",
+    "pareto_front",  # multi-objective studies: yes / no
 ]
 
 
@@ -143,13 +115,17 @@ def write_report(
     rows: list[dict[str, Any]],
     failed: list[dict[str, Any]],
     logger: RunLogger | None,
-) -> dict[str, float]:
+    objectives: tuple[str, ...] = ("psnr:max",),
+) -> dict[str, Fit]:
     """Plots, tables and the paper comparison into the study's ``report/`` and the parent
     run (built in local scratch, then copied under the storage root). ``tokenizer``: the
-    study's base tokenizer (its input size picks the paper's rows)."""
+    study's base tokenizer (its input size picks the paper's rows); ``objectives``: the
+    search's (two or more: the Pareto front section)."""
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir()) as tmp:
         out = Path(tmp)
-        fits = _write_report_files(tokenizer, store.name, out, rows, failed, logger)
+        fits = _write_report_files(
+            tokenizer, store.name, out, rows, failed, logger, study_objectives(objectives)
+        )
         storage.upload(out, store.path("report"))
     return fits
 
@@ -161,13 +137,18 @@ def _write_report_files(
     rows: list[dict[str, Any]],
     failed: list[dict[str, Any]],
     logger: RunLogger | None,
-) -> dict[str, float]:
-    fits: dict[str, float] = {}
+    objectives: list[tuple[str, str]],
+) -> dict[str, Fit]:
+    fits: dict[str, Fit] = {}
+    if len(objectives) > 1:
+        mark_front(rows, objectives)  # the tables' pareto_front column
     present = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
     write_csv(rows, present, out / "trials.csv")
     lines = [f"# Scaling study `{study_name}`", ""]
+    lines += front_section(rows, objectives, study_name, out, logger)
     for sweep in _sweeps(rows):
         lines += _plot_sweep(sweep, study_name, out, fits, logger)
+    lines += transfer_sections(rows, study_name, out, fits, logger)
     lines += ["## All trials", "", markdown_table(rows, present), ""]
     if failed:
         lines += ["## Failed or stopped trials", "", markdown_table(failed, ["trial", "error"]), ""]
@@ -182,10 +163,14 @@ def _write_report_files(
 
 def _sweeps(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict], str, str, bool, str]]:
     """(file, rows, x key, x label, log2 x, fit tag) of the E, encoder and decoder sweeps."""
-    # E sweep: all trials that share encoder and decoder sizes (the paper's finding 1).
-    e_rows = _sweep_rows(rows, "E", ("encoder_size", "decoder_size")) or rows
-    enc_rows = _sweep_rows(rows, "encoder_params_M", ("E", "p", "decoder_size"))
-    dec_rows = _sweep_rows(rows, "decoder_params_M", ("E", "p", "encoder_size"))
+    # E sweep: the trials that share encoder and decoder sizes, clip size and seed (the
+    # paper's finding 1, at one resolution; across clip sizes see the transfer section).
+    e_rows = _sweep_rows(rows, "E", ("encoder_size", "decoder_size", "input", "seed")) or rows
+    # Encoder / decoder sweeps: the same latent (E, p, q, c: c alone changes the
+    # bottleneck's parameters), clip size and seed.
+    latent = ("E", "p", "q", "c", "input", "seed")
+    enc_rows = _sweep_rows(rows, "encoder_params_M", (*latent, "decoder_size"))
+    dec_rows = _sweep_rows(rows, "decoder_params_M", (*latent, "encoder_size"))
     return [
         ("scaling_E.png", e_rows, "E", "E (floats in the latent)", True, "E"),
         (
@@ -211,49 +196,81 @@ def _plot_sweep(
     sweep: tuple[str, list[dict], str, str, bool, str],
     study_name: str,
     out: Path,
-    fits: dict[str, float],
+    fits: dict[str, Fit],
     logger: RunLogger | None,
 ) -> list[str]:
-    """Plot one sweep (metrics against its axis, with fitted lines), add its R^2 values to
+    """Plot one sweep (metrics against its axis, with fitted lines), add its fits to
     ``fits``, and return its report section (nothing for fewer than two trials)."""
     import matplotlib.pyplot as plt
 
     file_name, subset, x_key, label, log2, tag = sweep
     if len(subset) < 2:
         return []
+    sizes = {r.get("input") for r in subset}
+    at = f" at {sizes.pop()}" if len(sizes) == 1 and None not in sizes else ""
     fig, panel_fits = scaling_figure(
         subset,
         x_key,
         PLOT_METRICS,
         x_label=label,
         log2_x=log2,
-        title=f"{study_name}: metrics against {label} ({len(subset)} trials)",
+        title=f"{study_name}: metrics against {label} ({len(subset)} trials{at})",
     )
     fig.savefig(out / file_name, dpi=120)
     if logger:
         logger.log_figure(fig, f"report/{file_name}")
     plt.close(fig)
-    lines = [f"## Against {label}", f"![{tag}]({file_name})"]
+    lines = [f"## Against {label}{at}", f"![{tag}]({file_name})"]
+    unit = f"doubling of {x_key}" if log2 else "unit"
     for metric, fit in panel_fits.items():
         if fit is not None:
-            fits[f"{tag}/{metric}"] = fit.r2
-            lines.append(
-                f"- {metric}: slope {fit.slope:.4g} per unit, R^2 = {fit.r2:.3f} (n = {fit.n})"
-            )
+            fits[f"{tag}/{metric}"] = fit
+            lines.append(f"- {metric}: {fit.describe()}; slope {fit.slope:.4g} per {unit}")
     return [*lines, ""]
 
 
-def _publish(text: str, fits: dict[str, float], out: Path, logger: RunLogger | None) -> None:
+def _publish(text: str, fits: dict[str, Fit], out: Path, logger: RunLogger | None) -> None:
     """report.md and fits.json in the study folder; on the parent run, the same files and
     the report as the run's description."""
     (out / "report.md").write_text(text)
-    (out / "fits.json").write_text(json.dumps(fits, indent=2))
+    (out / "fits.json").write_text(
+        json.dumps({k: fit_record(f) for k, f in fits.items()}, indent=2)
+    )
     if logger:
         logger.log_artifact(out / "trials.csv", "report")
         logger.log_text(text, "report/report.md")
         # The parent run's description (a tag: MLflow keeps at most 8000 characters).
-        note = text if len(text) < 7500 else text[:7500] + "\n\n(cut: see report/report.md)"
+        note = description(text, logger.run_id)
+        note = note if len(note) < 7500 else note[:7500] + "\n\n(cut: see report/report.md)"
         logger.set_tags({"mlflow.note.content": note})
+
+
+def fit_record(fit: Fit) -> dict[str, Any]:
+    """A fit as fits.json keeps it: R^2 with its direction, slope and change."""
+    return {
+        "r2": fit.r2,
+        "direction": fit.direction,
+        "slope": fit.slope,
+        "change": fit.change,
+        "n": fit.n,
+    }
+
+
+def log_outcome(logger: RunLogger, fits: dict[str, Fit], best: dict[str, Any] | None) -> None:
+    """On the parent run: each fit's R^2 and slope as metrics, the best model(s) as tags."""
+    logger.log_metrics({f"r2/{k}": f.r2 for k, f in fits.items()})
+    logger.log_metrics({f"slope/{k}": f.slope for k, f in fits.items()})
+    if best and best.get("rule") == FRONT_RULE:
+        front = best["front"]
+        logger.set_tags(
+            {
+                "vitok.best_rule": FRONT_RULE,
+                "vitok.best_trial": ",".join(f["trial"] for f in front),
+                "vitok.best_model": ",".join(f["uri"] for f in front if f["uri"]),
+            }
+        )
+    elif best:
+        logger.set_tags({"vitok.best_trial": best["trial"], "vitok.best_model": best["uri"]})
 
 
 def _beside_paper(rows: list[dict[str, Any]], input_size: Any) -> list[dict[str, Any]]:
@@ -304,6 +321,9 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
         "val/ssim",
         "gen/frechet_pixels",
     ]
+    objectives = study_objectives(cfg.search.objectives)
+    if len(objectives) > 1:
+        columns += [k for k, _ in objectives if k not in columns] + ["pareto_front"]
     columns = [c for c in columns if any(c in r for r in result.rows)]
     print()
     print(
@@ -314,16 +334,16 @@ def print_summary(cfg: ExperimentConfig, result: StudyResult, minutes: float) ->
         print(console_table(result.rows, columns))
     for trial in result.failed:
         print(f"  failed: {trial['trial']}: {trial['error']}")
-    for key, r2 in sorted(result.fits.items()):
-        print(f"  R^2 {key}: {r2:.3f}")
+    for key, fit in sorted(result.fits.items()):
+        print(f"  R^2 {key}: {fit.describe().removeprefix('R^2 = ')}")
+    for line in transfer_console(result.rows):
+        print(f"  {line}")
     print_time_shares(result.rows)
-    if result.best:
-        print(f"  best model:  {result.best['uri']} (trial {result.best['trial']})")
+    print_best(result.best)
     print(f"  report:      {result.store.path('report', 'report.md')}")
-    uri = resolve_uri(cfg.tracking.uri)
-    print(
-        f"  mlflow:      mlflow ui --backend-store-uri {uri}   (parent run {result.parent_run_id})"
-    )
+    if result.parent_run_id:
+        for line in mlflow_links(resolve_uri(cfg.tracking.uri), result.parent_run_id, result.best):
+            print(f"  {line}")
 
 
 def print_time_shares(rows: list[dict[str, Any]]) -> None:

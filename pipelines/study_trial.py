@@ -14,7 +14,9 @@ from vitok.pipelines.cli import (
 from vitok.pipelines.search import parse_objective, trial_name
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides
+from vitok.platform.leases import TrialLease
 from vitok.platform.study import (
+    REUSED,
     StudyStore,
     report_to_tune_callback,
 )
@@ -45,24 +47,48 @@ def run_trial(
 
     Runs on any node: everything it reads and writes is under the storage root. A trial
     that finds its committed result reports it and returns (a rerun costs nothing); one
-    killed half-way resumes its Ray Train runs from their checkpoints, into its MLflow runs.
+    whose configuration another trial is running waits for that one's result (the running
+    one holds the trial's lease); one killed half-way resumes its Ray Train runs from their
+    checkpoints, into its MLflow runs.
     """
     started, started_at = time.perf_counter(), time.time()  # includes this process's imports
+    from ray import tune
+
+    overrides = trial_overrides(config)
+    name = trial_name(overrides)
+    store = StudyStore(study_uri)
+    # One running copy per configuration: a search may propose it again while it still
+    # runs (two trials at a time); the second waits for the first one's result.
+    lease = TrialLease(store.trial_dir(name), tune.get_context().get_trial_id() or name)
+    committed = lease.acquire_or_wait(lambda: store.result(name))
+    if committed is not None:  # the search proposed a configuration that already ran
+        tune.report({**scalars(committed), REUSED: 1})
+        return
+    try:
+        result = _run_held_trial(config, base, store, name, parent_run_id, started, started_at)
+    finally:
+        lease.release()
+    tune.report(scalars(result))
+
+
+def _run_held_trial(
+    config: dict[str, Any],
+    base: ExperimentConfig,
+    store: StudyStore,
+    name: str,
+    parent_run_id: str | None,
+    started: float,
+    started_at: float,
+) -> dict[str, Any]:
+    """The trial's whole path, once its lease is held; returns its committed result."""
     import ray
     import ray.data
-    from ray import tune
 
     from vitok.pipelines.model_stats import tokenizer_params
     from vitok.pipelines.tokenizer_stage import TokenizerRun, run_tokenizer
     from vitok.platform.data import prepare
 
     overrides = trial_overrides(config)
-    name = trial_name(overrides)
-    store = StudyStore(study_uri)
-    committed = store.result(name)
-    if committed is not None:
-        tune.report(scalars(committed))
-        return
     # Concurrent trials' Ray Data progress bars would interleave on the study's console.
     ray.data.DataContext.get_current().enable_progress_bars = False
     node = ray.get_runtime_context().get_node_id()
@@ -78,7 +104,7 @@ def run_trial(
     if cfg.train.eval_every > 0:
         constants = scalars(tokenizer_params(cfg.tokenizer))
         to_tune.append(report_to_tune_callback(objectives, constants))
-    result: dict[str, Any] = {"trial": name}
+    result: dict[str, Any] = {"trial": name, "seed": cfg.train.seed}
     failed: list[Exception] = []  # the generator's: raised once the tokenizer's run has ended
 
     def finish(tok: TokenizerRun) -> dict[str, float]:
@@ -108,7 +134,7 @@ def run_trial(
     result["node_id"] = node
     store.commit(name, {**result, "params": dict(config), "overrides": list(overrides)})
     store.log_event(name, "finished", node_id=node)
-    tune.report(scalars(result))
+    return result
 
 
 def _generator(

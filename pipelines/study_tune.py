@@ -54,10 +54,8 @@ def tune_run(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    axes = search.space()
-    if not axes:
-        raise SystemExit("error: search.mode=optuna needs search.sweeps to define the axes")
-    remaining = search.num_samples - len(done)
+    axes = search.space()  # not empty: SearchConfig refuses optuna without sweeps
+    remaining = search.samples - len(done)
     if remaining <= 0:
         return None, None
     seeds = [
@@ -74,15 +72,18 @@ def tune_run(
         mode=modes[0] if single else modes,
         storage=__import__("optuna").storages.RDBStorage(url),
         study_name=cfg.name,
-        seed=search.seed + len(done),  # a resumed study does not replay the same draws
+        seed=search.sampler_seed + len(done),  # a resumed study does not replay the same draws
     )
     scheduler = None
-    if search.asha and single:
+    asha, why_not = asha_plan(cfg)
+    if asha:
         # Every result Tune sees carries the objective (report_to_tune_callback), so ASHA
         # compares evaluations at equal numbers of evaluations.
         scheduler = ASHAScheduler(
-            metric=metrics[0], mode=modes[0], grace_period=search.asha_grace_period, max_t=10**6
+            metric=metrics[0], mode=modes[0], grace_period=search.grace_period, max_t=10**6
         )
+    else:
+        print(f"[vitok] optuna without ASHA (no trial is stopped early): {why_not}")
     tune_config = TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,
@@ -93,6 +94,22 @@ def tune_run(
     space = {name: tune.choice(values) for name, values in axes.items()}
     tuner = Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     return tuner, db
+
+
+def asha_plan(cfg: ExperimentConfig) -> tuple[bool, str]:
+    """Whether an Optuna study stops trials early with ASHA, and if not, why (a setting
+    that asks for ASHA where it cannot act is refused by the config instead)."""
+    search = cfg.search
+    if search.asha is False:
+        return False, "search.asha=false"
+    if len(search.objectives) > 1:
+        return False, f"{len(search.objectives)} objectives (ASHA stops trials on one metric)"
+    if cfg.train.eval_every == 0:
+        return False, (
+            "train.eval_every=0: each trial reports once, at its end, so ASHA would have "
+            "nothing to compare; set train.eval_every=N to let it stop trials early"
+        )
+    return True, ""
 
 
 def unique_trials(cfg: ExperimentConfig) -> list[tuple[str, ...]]:

@@ -43,6 +43,7 @@ class ClipSpec:
     clips_per_video: int  # at most this many clips per file; 0 = as many as fit
     clip_stride_s: float | None  # seconds between clip starts; None = back to back
     max_upscale: float  # reject sources that would need a larger upscale ("too small")
+    threads: int = 0  # FFmpeg decoder threads: 0 = FFmpeg's choice (cores + 1), 1 = none
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def decode_clips(path: str | Path, spec: ClipSpec) -> list[Clip]:
         if not ctx.width or not ctx.height:
             raise Rejected("cannot open: no frame size in the header")
         rh, rw = _check_size(ctx.height, ctx.width, spec)
-        stream.thread_type = "AUTO"
+        stream.thread_type = "AUTO"  # frame and slice threads...
+        stream.codec_context.thread_count = spec.threads  # ...0: FFmpeg picks (cores + 1)
 
         def indices(c: int) -> list[int]:
             return clip_frame_indices(

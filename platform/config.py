@@ -230,6 +230,19 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _sizes_as_list(tp: Any, value: Any) -> Any:
+    """``"32x32"`` for a field of ints (``tuple[int, int]``, optional or not) as ``[32, 32]``:
+    sizes read as they are written, also as sweep values (where a comma separates values)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next((a for a in args if typing.get_origin(a) is tuple), tp)
+        args = typing.get_args(tp)
+    ints = typing.get_origin(tp) is tuple and all(a in (int, Ellipsis) for a in args)
+    if ints and isinstance(value, str) and re.fullmatch(r"\d+(x\d+)+", value):
+        return [int(v) for v in value.split("x")]
+    return value
+
+
 def _set_path(data: dict[str, Any], cls: type, keys: list[str], value: Any, full: str) -> None:
     hints = _hints(cls)
     head = keys[0]
@@ -243,7 +256,7 @@ def _set_path(data: dict[str, Any], cls: type, keys: list[str], value: Any, full
         # "--set a.b=1" for a float field is fine; str fields accept any scalar text.
         if tp is str and value is not None and not isinstance(value, str):
             value = str(value)
-        data[head] = value
+        data[head] = _sizes_as_list(tp, value)
         return
     sub = hints[head]
     if typing.get_origin(sub) in (typing.Union, types.UnionType):

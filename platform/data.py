@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +36,16 @@ from vitok.platform.ingest import (
     FAULTS_ENV,
     RejectedSourceError,
     check_reject_fraction,
-    decode_pass,
-    injected_faults,
-    redecode_lost,
-    rejected_paths,
+    decode_units,
     write_rejects_table,
 )
+from vitok.platform.ingest_units import plan_units, remove_leftovers
 from vitok.platform.media import ClipSpec
 from vitok.platform.shard_checks import (
     ATTEMPTS,
     CHECKSUM,
     read_parquet_columns,
     remember_verified,
-    scan_all,
     verify_shards,
 )
 from vitok.platform.sources import (
@@ -94,6 +92,10 @@ class DataConfig:
     # Seconds one file may take to decode before it is rejected ("timeout: ..."); 0 decodes
     # in the task's own process, with no timeout and no protection against a crash.
     decode_timeout_s: float = 120.0
+    # FFmpeg's threads per decode. 1: single-threaded; decode tasks already run one per CPU
+    # (on 2 cores no measurable difference with 0, README). 0: FFmpeg's choice, cores + 1
+    # (up to 16) threads in every decoder: oversubscribed on a many-core node.
+    decode_threads: int = 1
     # Above this fraction of one source's files rejected, prepare stops: a wrong path or
     # codec, not bad luck. 1.0 never stops.
     max_reject_fraction: float = 0.5
@@ -139,6 +141,7 @@ class DataConfig:
         check_positive("synthetic_videos", self.synthetic_videos)
         check_positive("synthetic_fps", self.synthetic_fps)
         check_positive("decode_timeout_s", self.decode_timeout_s, allow_zero=True)
+        check_positive("decode_threads", self.decode_threads, allow_zero=True)
         check_range("max_reject_fraction", self.max_reject_fraction, 0.0, 1.0)
         check_choice("clip_encoding", self.clip_encoding, ("raw", "jpeg"))
         check_range("clip_quality", self.clip_quality, 1, 100)
@@ -156,7 +159,23 @@ class DataConfig:
             clips_per_video=self.clips_per_video,
             clip_stride_s=self.clip_stride_s,
             max_upscale=self.max_upscale,
+            threads=self.decode_threads,
         )
+
+
+def tiny_synthetic_data() -> DataConfig:
+    """The smallest dataset that goes through the whole decode path: 4 rendered synthetic
+    videos of 2 classes, one 4-frame 16x16 clip each, no val split (``prepare`` takes
+    seconds). The fault table and the data tests share it."""
+    return DataConfig(
+        sources=("synthetic",),
+        frames=4,
+        size=(16, 16),
+        clips_per_video=1,
+        val_fraction=0.0,
+        synthetic_classes=2,
+        synthetic_videos=4,
+    )
 
 
 # ----------------------------------------------------------------------------- decode stage
@@ -188,7 +207,7 @@ def ensure_ray(log_to_driver: bool = True) -> None:
         ray.init(address="local", runtime_env=ray_runtime_env(), log_to_driver=log_to_driver)
 
 
-# ----------------------------------------------------------------------------- prepare
+# ----------------------------------------------------------------------------- committed shards
 @dataclass(frozen=True)
 class PreparedData:
     """The committed shards of one ``prepare`` call: ``<root>/data/<hash>/manifest.json``.
@@ -206,6 +225,7 @@ class PreparedData:
     num_val: int  # clips
     config_hash: str
     reused: bool  # True when a committed manifest was found and nothing was written
+    decoded_files: int = 0  # source files this call decoded (a resumed run: the rest)
 
     def count(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val}[_check_split(split)]
@@ -220,6 +240,11 @@ def _check_split(split: str) -> str:
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} is not allowed; choose one of ['train', 'val']")
     return split
+
+
+def _manifest_attempt(folder: str) -> str | None:
+    uri = storage.join(folder, MANIFEST)
+    return storage.read_json(uri)["attempt"] if storage.is_file(uri) else None
 
 
 def _committed(folder: str, key: str) -> PreparedData | None:
@@ -251,41 +276,53 @@ def _committed(folder: str, key: str) -> PreparedData | None:
     )
 
 
-# ----------------------------------------------------------------------------- checksums
+# ----------------------------------------------------------------------------- prepare
+
+
+def data_key(cfg: DataConfig, prints: list[dict[str, Any]]) -> str:
+    """The hash that names the shards' folder: the preprocessing config (operational
+    settings left out) and the sources' fingerprints (``list_sources``)."""
+    preprocessing = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
+    return digest({"version": PIPELINE_VERSION, "config": preprocessing, "sources": prints})
+
+
+def shards_folder(cfg: DataConfig, root: str) -> tuple[str, str]:
+    """``(hash, folder)`` of the shards ``prepare(cfg, root)`` writes or reuses, found by
+    listing the sources only (nothing is decoded or rendered)."""
+    _, prints = list_sources(cfg, "", render=False)
+    key = data_key(cfg, prints)
+    return key, storage.join(storage.resolve_root(root), "data", key)
 
 
 def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedData:
     """Decode the sources of ``cfg`` into Parquet clip shards under the storage ``root``
     (``<root>/data/<hash>``), or reuse the committed ones (after checking their checksums).
 
-    The shards are written under a fresh ``attempts/<id>/`` and committed by writing the
-    manifest last; a crashed attempt leaves files no manifest lists, removed by the next
-    commit. A file that hangs the decoder past ``cfg.decode_timeout_s``, or crashes it, is
-    rejected; so is one whose decode task dies (its worker killed) on a second try alone.
-    Raises ``RejectedSourceError`` (committing nothing) when a source has more than
-    ``cfg.max_reject_fraction`` of its files rejected. Returns the manifest, label map and
-    rejects table.
+    The files are cut into units (``ingest_units``), each decoded and committed on its own:
+    a run killed at any point and run again keeps the committed units and decodes the rest,
+    ending with the shards an uninterrupted run writes. The manifest, written last, commits
+    the whole; files no manifest or unit lists (a killed write) are removed then. A file that
+    hangs the decoder past ``cfg.decode_timeout_s``, or crashes it, is rejected; so is one
+    whose decode task dies (its worker killed) on a second try alone. Raises
+    ``RejectedSourceError`` (committing no manifest) when a source has more than
+    ``cfg.max_reject_fraction`` of its files rejected. ``progress`` prints files done, clips/s,
+    rejects and the time left. Returns the manifest, label map and rejects table.
     """
     ensure_ray()
-    t_start = time.perf_counter()
+    t_start, started_ns = time.perf_counter(), time.time_ns()
     data_root = storage.join(storage.resolve_root(root), "data")
     files, prints = list_sources(cfg, data_root)
-    preprocessing = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
-    key = digest({"version": PIPELINE_VERSION, "config": preprocessing, "sources": prints})
+    key = data_key(cfg, prints)
     folder = storage.join(data_root, key)
     prepared = _committed(folder, key)
     if prepared is not None:
         if progress:
             _summary(prepared, time.perf_counter() - t_start)
         return prepared
+    damaged = _manifest_attempt(folder)
 
     split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
-    label_names = sorted({f.label for f in files})
-    label_map = {name: i for i, name in enumerate(label_names)}
-    attempt = storage.attempt_id()
-    prefix = f"{ATTEMPTS}/{attempt}"
-    work = storage.join(folder, prefix)
-    reject_dir = storage.join(work, "rejects.d")
+    label_map = {name: i for i, name in enumerate(sorted({f.label for f in files}))}
     items = [
         {
             "path": f.path,
@@ -295,17 +332,18 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
         }
         for f in files
     ]
-    faults = injected_faults()
-    if items:
-        decode_pass(cfg, items, work, reject_dir, faults, progress=progress, retry=False)
-    shards, labels_seen, produced = scan_all(folder, prefix)
-    accounted = produced | rejected_paths(reject_dir)
-    missing = [it for it in items if it["path"] not in accounted]
-    if missing:
-        shards, labels_seen = redecode_lost(cfg, missing, folder, prefix, faults, progress)
-    rejects, rejects_uri = write_rejects_table(reject_dir, work)
-    check_reject_fraction(cfg, files, rejects, rejects_uri)
-    rejected = {r["path"] for r in rejects}
+    units = plan_units(items, _clip_bytes(cfg), cfg.clips_per_video)
+    attempt = storage.attempt_id()
+    markers, decoded = decode_units(cfg, units, folder, attempt, len(files), progress)
+    rejects = [r for m in markers.values() for r in m["rejects"]]
+    rejects_rel = f"{ATTEMPTS}/{attempt}/rejects.csv"
+    write_rejects_table(rejects, storage.join(folder, rejects_rel))
+    check_reject_fraction(cfg, files, rejects, storage.join(folder, rejects_rel))
+    shards: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    labels_seen: Counter[int] = Counter()
+    for unit in units:  # the plan's order: the same manifest however the run went
+        shards[unit.split] += markers[unit.name]["shards"]
+        labels_seen.update({int(k): v for k, v in markers[unit.name]["labels"].items()})
     manifest = {
         "hash": key,
         "pipeline_version": PIPELINE_VERSION,
@@ -313,25 +351,45 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
         "config": to_dict(cfg),
         "sources": prints,
         "labels": label_map,
-        "rejects": f"{prefix}/rejects.csv",
+        "rejects": rejects_rel,
         "files": shards,
-        "counts": _counts(files, split_of, rejected, shards, labels_seen, label_map),
+        "units": len(units),
+        "counts": _counts(
+            files, split_of, {r["path"] for r in rejects}, shards, labels_seen, label_map
+        ),
         "clip_shape": [cfg.frames, *cfg.size, 3],
         "seconds": round(time.perf_counter() - t_start, 3),
     }
-    remember_verified(folder, attempt, {e["path"]: e[CHECKSUM] for s in shards.values() for e in s})
-    prepared = _committed(folder, key)
-    if prepared is None:  # nobody committed meanwhile: commit ours (the manifest goes last)
-        storage.write_json(storage.join(folder, MANIFEST), manifest)
-        prepared = dataclasses.replace(_committed(folder, key), reused=False)
-    _remove_stale_attempts(folder, keep=prepared.manifest["attempt"], before=attempt)
+    prepared = _commit(folder, key, manifest, decoded, damaged)
+    remove_leftovers(folder, prepared.manifest, units, attempt, started_ns)
     if progress:
         _summary(prepared, time.perf_counter() - t_start)
     return prepared
 
 
 # Operational settings: they change how files are decoded, never the stored clips.
-NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "max_reject_fraction")
+NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "decode_threads", "max_reject_fraction")
+
+
+def _clip_bytes(cfg: DataConfig) -> int:
+    return max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
+
+
+def _commit(
+    folder: str, key: str, manifest: dict[str, Any], decoded: int, damaged: str | None
+) -> PreparedData:
+    """Write the manifest unless another writer committed first; the committed shards.
+    ``damaged``: the attempt of the manifest found damaged at the start (its units rebuilt
+    under the same names may make it whole again; it is replaced all the same)."""
+    fresh = {e["path"]: e[CHECKSUM] for split in manifest["files"].values() for e in split}
+    remember_verified(folder, fresh)  # as written by the tasks: not read back
+    prepared = _committed(folder, key)
+    if prepared is not None and prepared.manifest["attempt"] == damaged:
+        prepared = None
+    if prepared is None:  # nobody committed meanwhile: commit ours (the manifest goes last)
+        storage.write_json(storage.join(folder, MANIFEST), manifest)
+        prepared = dataclasses.replace(_committed(folder, key), reused=False)
+    return dataclasses.replace(prepared, decoded_files=decoded)
 
 
 def _counts(
@@ -339,7 +397,7 @@ def _counts(
     split_of: dict[str, str],
     rejected: set[str],
     shards: dict[str, list[dict[str, Any]]],
-    labels_seen: list[int],
+    labels_seen: Counter[int],
     label_map: dict[str, int],
 ) -> dict[str, Any]:
     """The manifest's counts: files (total, ok, rejected, per split), clips per split and
@@ -352,21 +410,15 @@ def _counts(
         "files_val": sum(split_of[f.split_key] == "val" for f in files),
         "clips_train": sum(e["rows"] for e in shards["train"]),
         "clips_val": sum(e["rows"] for e in shards["val"]),
-        "clips_per_label": {name: labels_seen.count(i) for name, i in label_map.items()},
+        "clips_per_label": {name: labels_seen[i] for name, i in label_map.items()},
     }
-
-
-def _remove_stale_attempts(folder: str, *, keep: str, before: str) -> None:
-    """Delete attempts no manifest lists that started before ``before`` (crashed or lost a
-    race); later ones may belong to a writer still running."""
-    for name in storage.listdir(storage.join(folder, ATTEMPTS)):
-        if name != keep and name <= before:
-            storage.delete(storage.join(folder, ATTEMPTS, name))
 
 
 def _summary(p: PreparedData, seconds: float) -> None:
     c = p.manifest["counts"]
     how = "reused" if p.reused else "wrote"
+    if not p.reused and p.decoded_files < c["files_total"]:
+        how = f"resumed ({p.decoded_files} files decoded now, the rest committed before) and wrote"
     print(
         f"[vitok.data] {how} {p.root}: {c['files_total']} files "
         f"({c['files_rejected']} rejected) -> {p.num_train} train / {p.num_val} val clips "
@@ -389,11 +441,14 @@ __all__ = [
     "RejectedSourceError",
     "clip_dataset",
     "clip_datasets",
+    "data_key",
     "ensure_ray",
     "first_clips",
     "model_batches",
     "prepare",
     "read_parquet_columns",
+    "shards_folder",
     "read_shards",
+    "tiny_synthetic_data",
     "to_model_input",
 ]

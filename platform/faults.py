@@ -320,18 +320,10 @@ def decode_faults(work: Path) -> list[Row]:
 
 def corrupted_shard(work: Path) -> list[Row]:
     """Flip one bit of a committed shard in place; the next ``prepare`` must notice."""
-    from vitok.platform.data import DataConfig, clip_dataset, prepare
+    from vitok.platform.data import clip_dataset, prepare, tiny_synthetic_data
 
     _ensure_ray()
-    cfg = DataConfig(
-        sources=("synthetic",),
-        frames=4,
-        size=(16, 16),
-        clips_per_video=1,
-        val_fraction=0.0,
-        synthetic_classes=2,
-        synthetic_videos=4,
-    )
+    cfg = tiny_synthetic_data()
     root = str(work / "store")
     first = prepare(cfg, root, progress=False)
     victim = Path(first.root) / first.manifest["files"]["train"][0]["path"]

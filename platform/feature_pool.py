@@ -39,6 +39,7 @@ from vitok.platform.metrics import (
     frechet_from_moments,
     load_i3d,
     load_inception,
+    to_unit_float,
 )
 
 METRIC_OF = {"inception": "gfid", "i3d": "gfvd", "pixels": "frechet_pixels"}  # feature -> metric
@@ -50,7 +51,7 @@ def pixel_features(clips: torch.Tensor) -> np.ndarray:
     pooled to 4x4 RGB in [-1, 1]. A fixed feature space that needs no weight file and is the
     same for every tokenizer, so ``frechet_pixels`` compares across trials (it sees colour
     layout, not texture: a coarse check, not FID)."""
-    x = clips.float() / 127.5 - 1.0 if clips.dtype == torch.uint8 else clips.float()
+    x = to_unit_float(clips).float()
     n, t = x.shape[:2]
     frames = x.flatten(0, 1).permute(0, 3, 1, 2)  # (N*T, 3, H, W)
     pooled = torch.nn.functional.adaptive_avg_pool2d(frames, PIXEL_POOL)

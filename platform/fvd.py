@@ -22,7 +22,6 @@ from torch import Tensor
 
 FVD_NUM_FRAMES = 16
 FEATURE_DIM = 400
-I3D_RESOLUTION = 224  # the network resizes to this itself when called with resize=True
 I3D_CALL_KWARGS = ("rescale", "resize", "return_features")
 
 

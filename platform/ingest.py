@@ -1,6 +1,7 @@
-"""The decode stage of ``prepare``: Ray Data tasks decode each file into clips (in an
-isolated decoder process with a timeout), reject what cannot be decoded with a reason, and
-stop a source whose files are mostly rejected (a wrong path or codec, not bad luck).
+"""The decode stage of ``prepare``: Ray Data tasks decode the units of ``ingest_units``
+(each file in an isolated decoder process with a timeout), reject what cannot be decoded
+with a reason, and stop a source whose files are mostly rejected (a wrong path or codec,
+not bad luck).
 
 ``VITOK_INJECT_FAULTS`` (tests and the fault table only) makes named files hang, crash
 the decoder, or kill the task."""
@@ -8,38 +9,43 @@ the decoder, or kill the task."""
 from __future__ import annotations
 
 import csv
-import fnmatch
-import hashlib
 import io
+import json
+import logging
 import os
-import signal
 import warnings
-import zlib
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitok.platform import storage
-from vitok.platform.media import ClipSpec, Rejected, decode_file, decode_file_isolated
-from vitok.platform.shard_checks import scan_all
-from vitok.platform.shard_layout import write_shards
+from vitok.platform.ingest_units import (
+    Unit,
+    decode_unit,
+    marker_uri,
+    merge_single_files,
+    read_markers,
+)
+from vitok.platform.progress import PrepareProgress
+from vitok.platform.shard_checks import check_entries
 
 if TYPE_CHECKING:
     from vitok.platform.data import DataConfig
 
-SHARD_BYTES = 64 * 2**20  # target Parquet file size
 FAULTS_ENV = "VITOK_INJECT_FAULTS"
 
 
-FAULT_ACTIONS = ("hang", "crash", "die")
+FAULT_ACTIONS = ("hang", "crash", "die", "slow")
 
 
 def injected_faults() -> tuple[tuple[str, str], ...]:
     """Fault injection for tests, read on the driver: ``VITOK_INJECT_FAULTS`` holds
     ``action=glob`` entries (``"hang=*slow*,crash=*segv*,die=*oom*"``) matched against file
     names. ``hang`` stalls the decoder inside native code, ``crash`` kills it with SIGSEGV,
-    ``die`` SIGKILLs the Ray worker running the decode task (as the OOM killer would)."""
+    ``die`` SIGKILLs the Ray worker running the decode task (as the OOM killer would),
+    ``slow`` adds a second to the file's decode (a long file: room to kill a run mid-way)."""
     out = []
     for entry in filter(None, (e.strip() for e in os.environ.get(FAULTS_ENV, "").split(","))):
         action, _, pattern = entry.partition("=")
@@ -52,220 +58,194 @@ def injected_faults() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _fault_for(path: str, faults: tuple[tuple[str, str], ...]) -> str | None:
-    name = storage.name(path)
-    return next((action for action, pattern in faults if fnmatch.fnmatch(name, pattern)), None)
+def _unit_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+    """Ray Data UDF: a task's units in (a JSON list per row), one marker out per unit
+    (JSON), after ``decode_unit`` has written its shard and marker, unit after unit. Clips
+    never travel through the object store."""
+    markers = [
+        json.dumps(decode_unit(Unit.from_row(unit), **kwargs))
+        for row in batch["units"]
+        for unit in json.loads(str(row))
+    ]
+    return {"marker": np.asarray(markers, dtype=object)}
 
 
-def _decode_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    spec: ClipSpec,
-    reject_dir: str,
-    timeout_s: float = 0.0,
-    faults: tuple[tuple[str, str], ...] = (),
-    decoded_dir: str | None = None,
-) -> dict[str, np.ndarray]:
-    """Ray Data UDF: one row per source file in, one row per clip out; rejects go to storage.
+def _quiet_ray_data() -> Any:
+    """Ray Data's per-execution INFO lines off the console while units run (the progress
+    line is ours); its warnings stay."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    return lambda: logger.setLevel(level)
 
-    A rejected file writes ``reject_dir/<crc>.json`` (idempotent under task retries). A source
-    under a remote storage root is read through a temporary local copy. With ``timeout_s``,
-    each file is decoded in a child process that is abandoned after that long (see
-    ``media.IsolatedDecoder``). ``decoded_dir`` (the retry pass) gets a marker per file
-    whose decode finished, so a file whose task died can be told from a failed write.
+
+def _task_groups(units: list[Unit], retries: int) -> list[list[Unit]]:
+    """The units each Ray task decodes, one after another (each still committed on its own).
+
+    Between two tasks a CPU waits for the driver to see the first one end and start the
+    next: 0.14-0.15 s measured (Ray Data's scheduling loop waits up to 0.1 s per round for
+    its tasks), against 0.4 s for a unit of 2 UCF files on this machine. Consecutive small
+    units (a small split's) are packed up to the size of the plan's largest unit; the
+    single-file retry pass (``retries=0``) keeps one unit per task.
     """
-    out: dict[str, list[Any]] = {k: [] for k in ("clip", "label", "path", "start_s", "fps")}
-    out.update(clip_index=[], source_id=[], split=[])
-    for path, label, sid, split in zip(
-        batch["path"], batch["label"], batch["source_id"], batch["split"]
-    ):
-        fault = _fault_for(str(path), faults) if faults else None
-        if fault == "die":
-            os.kill(os.getpid(), signal.SIGKILL)
-        try:
-            with storage.readable_file(str(path)) as local:
-                if timeout_s > 0:
-                    clips = decode_file_isolated(str(local), spec, timeout_s, fault=fault)
-                else:
-                    clips = decode_file(str(local), spec)
-        except Rejected as err:
-            _write_reject(reject_dir, str(path), str(err))
-            clips = []
-        except Exception as err:  # noqa: BLE001 - a bad file must never end the run
-            _write_reject(reject_dir, str(path), f"error: {type(err).__name__}: {err}")
-            clips = []
-        if decoded_dir is not None:
-            storage.write_text(storage.join(decoded_dir, _file_key(str(path))), "")
-        for c in clips:
-            out["clip"].append(c.clip)
-            out["label"].append(int(label))
-            out["path"].append(str(path))
-            out["start_s"].append(c.start_s)
-            out["fps"].append(c.fps)
-            out["clip_index"].append(c.clip_index)
-            out["source_id"].append(int(sid))
-            out["split"].append(str(split))
-    t = 1 if spec.frames == 1 else spec.frames
-    empty = np.zeros((0, t, *spec.size, 3), np.uint8)
-    return {
-        "clip": np.stack(out["clip"]) if out["clip"] else empty,  # (N, T, H, W, 3) uint8
-        "label": np.asarray(out["label"], np.int64),
-        "path": np.asarray(out["path"], dtype=object),
-        "start_s": np.asarray(out["start_s"], np.float32),
-        "fps": np.asarray(out["fps"], np.float32),
-        "clip_index": np.asarray(out["clip_index"], np.int32),
-        "source_id": np.asarray(out["source_id"], np.int32),
-        "split": np.asarray(out["split"], dtype=object),
+    if retries == 0 or not units:
+        return [[u] for u in units]
+    target = max(len(u.files) for u in units)
+    groups: list[list[Unit]] = []
+    for unit in units:
+        if groups and sum(len(u.files) for u in groups[-1]) + len(unit.files) <= target:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    return groups
+
+
+def run_units(
+    cfg: DataConfig,
+    units: list[Unit],
+    folder: str,
+    attempt: str,
+    faults: tuple[tuple[str, str], ...],
+    *,
+    retries: int,
+    on_done: Callable[[dict[str, Any]], None],
+) -> dict[str, dict[str, Any]]:
+    """Decode ``units`` in Ray Data tasks (``_task_groups``, one CPU each); ``on_done`` gets
+    the markers of a task's units when it ends. Returns the markers by unit name.
+
+    A task whose worker dies is retried ``retries`` times, then its units are left out
+    rather than failing the whole dataset (Ray Data would otherwise retry it forever): the
+    caller finds them missing. A unit whose shard could not be written stops prepare here.
+    """
+    import ray.data
+
+    fn_kwargs = {
+        "spec": cfg.clip_spec(),
+        "folder": folder,
+        "attempt": attempt,
+        "timeout_s": cfg.decode_timeout_s,
+        "faults": faults,
+        "encoding": cfg.clip_encoding,
+        "quality": cfg.clip_quality,
     }
-
-
-def _file_key(path: str) -> str:
-    return f"{zlib.crc32(path.encode()):08x}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-
-
-def _write_reject(reject_dir: str, path: str, reason: str) -> None:
-    storage.write_json(
-        storage.join(reject_dir, f"{_file_key(path)}.json"), {"path": path, "reason": reason}
-    )
-
-
-class RejectedSourceError(RuntimeError):
-    """Most files of a source were rejected: a wrong path or codec, not bad luck."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.max_errored_blocks
+    ctx.enable_progress_bars, ctx.max_errored_blocks = False, -1
+    restore_logging = _quiet_ray_data()
+    markers: dict[str, dict[str, Any]] = {}
+    try:
+        groups = _task_groups(units, retries)
+        rows = [{"units": json.dumps([u.to_row() for u in group])} for group in groups]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Ray 2.60 takes max_retries only through the deprecated ray_remote_args (its named
+        # parameters cover scheduling, not retries).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(
+                _unit_batch,
+                batch_size=1,
+                fn_kwargs=fn_kwargs,
+                num_cpus=1,
+                max_retries=retries,
+            )
+        for row in ds.iter_rows():
+            marker = json.loads(row["marker"])
+            if "error" in marker:
+                raise RuntimeError(
+                    f"prepare: writing unit {marker['unit']} (its shard or marker) under "
+                    f"{folder} failed: {marker['error']}"
+                )
+            markers[marker["unit"]] = marker
+            on_done(marker)
+    finally:
+        ctx.enable_progress_bars, ctx.max_errored_blocks = saved
+        restore_logging()
+    return markers
 
 
 def redecode_lost(
     cfg: DataConfig,
-    missing: list[dict[str, Any]],
+    lost: list[Unit],
     folder: str,
-    prefix: str,
-    faults: Any,
-    progress: bool,
-) -> tuple[dict[str, list[dict[str, Any]]], list[int]]:
-    """Files whose decode task died (a worker killed: out of memory, a native crash) on both
+    attempt: str,
+    faults: tuple[tuple[str, str], ...],
+    on_done: Callable[[dict[str, Any]], None],
+) -> dict[str, dict[str, Any]]:
+    """Units whose decode task died (a worker killed: out of memory, a native crash) on both
     tries: decoded again one file per task, so only the culprit is lost (and rejected).
-    Returns the attempt's shards and labels, scanned again."""
-    work = storage.join(folder, prefix)
-    reject_dir = storage.join(work, "rejects.d")
+    Returns each lost unit's marker, merged from its files' and committed."""
     print(
-        f"[vitok.data] {len(missing)} file(s) lost with a decode task that died; decoding "
-        "them again one per task"
+        f"[vitok.data] {len(lost)} unit(s) lost with a decode task that died; decoding "
+        f"their {sum(len(u.files) for u in lost)} files again one per task"
     )
-    decoded_dir = storage.join(work, "decoded.d")
-    decode_pass(cfg, missing, work, reject_dir, faults, progress=progress, retry=True)
-    shards, labels_seen, produced = scan_all(folder, prefix)
-    decoded = set(storage.listdir(decoded_dir))
-    accounted = produced | rejected_paths(reject_dir)
-    for it in missing:
-        if it["path"] in accounted:
-            continue
-        if _file_key(it["path"]) in decoded:  # decoded, then the write failed
-            raise RuntimeError(
-                f"prepare: writing the clips of {it['path']} to {work}/shards failed; "
-                "see the Ray Data log above"
-            )
-        _write_reject(
-            reject_dir,
-            it["path"],
-            "crashed: the decode task died on this file, alone and with others (its "
-            "worker was killed: out of memory, or a native crash)",
+    parts = [p for u in lost for p in u.single_files()]
+    done = read_markers(folder, parts)  # a resumed run: parts committed before the kill
+    todo = [p for p in parts if p.name not in done]
+    if todo:
+        done.update(
+            run_units(cfg, todo, folder, attempt, faults, retries=0, on_done=lambda m: None)
         )
-    storage.delete(decoded_dir)
-    return shards, labels_seen
+    merged = {}
+    for unit in lost:
+        marker = merge_single_files(unit, done, attempt)
+        storage.write_json(marker_uri(folder, unit.name), marker)
+        for part in unit.single_files():
+            storage.delete(marker_uri(folder, part.name))
+        merged[unit.name] = marker
+        on_done(marker)
+    return merged
 
 
-def write_rejects_table(reject_dir: str, work: str) -> tuple[list[dict[str, str]], str]:
-    """The per-file reject records gathered into ``work/rejects.csv`` (path, reason)."""
-    rejects = sorted(
-        (
-            storage.read_json(storage.join(reject_dir, n))
-            for n in storage.listdir(reject_dir)
-            if n.endswith(".json")
-        ),
-        key=lambda r: r["path"],
+def decode_units(
+    cfg: DataConfig, units: list[Unit], folder: str, attempt: str, total: int, progress: bool
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every unit's marker: the committed ones kept (their shards' checksums checked), the
+    others decoded now. Returns the markers by unit name and the files decoded here."""
+    markers = read_markers(folder, units)
+    entries = [e for m in markers.values() for e in m["shards"]]
+    damaged = set(check_entries(folder, entries)) if entries else set()
+    markers = {
+        name: m for name, m in markers.items() if not {e["path"] for e in m["shards"]} & damaged
+    }
+    done_files = sum(len(m["files"]) for m in markers.values())
+    meter = PrepareProgress(
+        total,
+        done_files=done_files,
+        done_clips=sum(e["rows"] for m in markers.values() for e in m["shards"]),
+        done_rejects=sum(len(m["rejects"]) for m in markers.values()),
+        enabled=progress,
     )
-    storage.delete(reject_dir)
+
+    def on_done(marker: dict[str, Any]) -> None:
+        clips = sum(e["rows"] for e in marker["shards"])
+        meter.update(len(marker["files"]), clips, len(marker["rejects"]))
+
+    todo = [u for u in units if u.name not in markers]
+    meter.start()
+    faults = injected_faults()
+    if todo:
+        markers.update(run_units(cfg, todo, folder, attempt, faults, retries=1, on_done=on_done))
+    lost = [u for u in todo if u.name not in markers]
+    if lost:
+        markers.update(read_markers(folder, lost))  # committed, then the task died
+        lost = [u for u in lost if u.name not in markers]
+    if lost:
+        markers.update(redecode_lost(cfg, lost, folder, attempt, faults, on_done))
+    meter.close()
+    return markers, total - done_files
+
+
+def write_rejects_table(rejects: list[dict[str, str]], uri: str) -> None:
+    """The rejects (path, reason) as a CSV table at ``uri``, sorted by path."""
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=["path", "reason"])
     writer.writeheader()
-    writer.writerows(rejects)
-    rejects_uri = storage.join(work, "rejects.csv")
-    storage.write_text(rejects_uri, table.getvalue())
-    return rejects, rejects_uri
+    writer.writerows(sorted(rejects, key=lambda r: r["path"]))
+    storage.write_text(uri, table.getvalue())
 
 
-def decode_pass(
-    cfg: DataConfig,
-    items: list[dict[str, Any]],
-    work: str,
-    reject_dir: str,
-    faults: tuple[tuple[str, str], ...],
-    *,
-    progress: bool,
-    retry: bool,
-) -> None:
-    """Decode ``items`` into ``work/shards`` (Ray Data tasks writing Parquet).
-
-    A task whose worker dies is retried once, then its block is dropped rather than failing
-    the whole dataset (Ray Data would otherwise retry it forever); the caller finds the
-    files that produced neither clips nor a reject. The ``retry`` pass decodes one file per
-    task, is not retried, and leaves a marker per decoded file.
-    """
-    import ray
-    import ray.data
-
-    spec = cfg.clip_spec()
-    clip_bytes = max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
-    if retry:
-        blocks = len(items)
-    else:
-        # A few files per block: enough blocks to keep every CPU busy and stream, few
-        # enough that per-task overhead stays small next to decoding.
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        blocks = min(len(items), max(4 * cpus, len(items) // 16), 4096)
-    fn_kwargs = {
-        "spec": spec,
-        "reject_dir": reject_dir,
-        "timeout_s": cfg.decode_timeout_s,
-        "faults": faults,
-        "decoded_dir": storage.join(work, "decoded.d") if retry else None,
-    }
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.max_errored_blocks
-    ctx.enable_progress_bars, ctx.max_errored_blocks = progress, -1
-    try:
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-        # Ray Data retries a task whose worker died forever (max_retries=-1): a file that
-        # kills its worker would stall prepare. Ray 2.60 takes max_retries only through the
-        # deprecated ray_remote_args (its named parameters cover scheduling, not retries).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = ds.map_batches(
-                _decode_batch,
-                batch_size=1,
-                fn_kwargs=fn_kwargs,
-                num_cpus=1,
-                max_retries=0 if retry else 1,
-            )
-        write_shards(
-            ds,
-            storage.join(work, "shards"),
-            encoding=cfg.clip_encoding,
-            quality=cfg.clip_quality,
-            remote_args={"num_cpus": 1, "max_retries": 0 if retry else 1},
-            partition_cols=["split"],
-            mode="append" if retry else "overwrite",
-            min_rows_per_file=None if retry else max(1, SHARD_BYTES // clip_bytes),
-        )
-    finally:
-        ctx.enable_progress_bars, ctx.max_errored_blocks = saved
-
-
-def rejected_paths(reject_dir: str) -> set[str]:
-    return {
-        storage.read_json(storage.join(reject_dir, n))["path"]
-        for n in storage.listdir(reject_dir)
-        if n.endswith(".json")
-    }
+class RejectedSourceError(RuntimeError):
+    """Most files of a source were rejected: a wrong path or codec, not bad luck."""
 
 
 def check_reject_fraction(
@@ -291,6 +271,7 @@ def check_reject_fraction(
     raise RejectedSourceError(
         f"prepare stopped: {'; '.join(lines)}, above data.max_reject_fraction="
         f"{cfg.max_reject_fraction:g}. That means a wrong path or an unsupported codec rather "
-        f"than a few bad files. Rejects table (path, reason): {rejects_uri}. Nothing was "
-        "committed; fix the source, or raise data.max_reject_fraction to keep the good files."
+        f"than a few bad files. Rejects table (path, reason): {rejects_uri}. No manifest was "
+        "written; fix the source, or raise data.max_reject_fraction to keep the good files "
+        "(the files decoded so far are not decoded again)."
     )

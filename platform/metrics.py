@@ -30,7 +30,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -64,9 +64,12 @@ __all__ = [
     "FeatureExtractor",
     "FeatureMoments",
     "LpipsFn",
+    "MakeMeanEvaluator",
+    "MakeReconstructionEvaluator",
+    "MeanEvaluator",
     "MetricState",
     "MetricsConfig",
-    "MakeReconstructionEvaluator",
+    "PerClipValues",
     "ReconstructionEvaluator",
     "ReconstructionMetrics",
     "announce_skip",
@@ -375,3 +378,46 @@ class MakeReconstructionEvaluator:
         return ReconstructionEvaluator(
             self.metrics, self.reconstruct, self.make_lpips, self.examples, self.fps
         )
+
+
+class PerClipValues(Protocol):
+    """A model's values on one batch, for ``MeanEvaluator``: ``{name: (N,) tensor}`` for the
+    ``index``-th batch a worker evaluates, under the fixed ``names``."""
+
+    names: tuple[str, ...]
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, Tensor], index: int
+    ) -> dict[str, Tensor]: ...
+
+
+class MeanEvaluator:
+    """A training job's evaluator of per-clip values (a model package's loss, say): each
+    name's mean over every value all workers saw (0 where none were). The reduce across
+    workers is ``MetricState``'s, as for the reconstruction metrics."""
+
+    def __init__(self, values: PerClipValues) -> None:
+        self.values = values
+        self.state = MetricState(sums=dict.fromkeys(values.names, 0.0))
+        self.state.counts = dict.fromkeys(values.names, 0)
+        self.batches = 0
+
+    def update(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> None:
+        for name, value in self.values(model, batch, self.batches).items():
+            self.state.add_values(name, value)
+        self.batches += 1
+
+    def compute(self) -> dict[str, float]:
+        state = MetricState().merge(self.state)  # a copy: compute may be called again
+        state.all_reduce()
+        return state.means()
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeMeanEvaluator:
+    """Picklable ``() -> MeanEvaluator`` for ``TrainJob.make_evaluator``."""
+
+    values: PerClipValues
+
+    def __call__(self) -> MeanEvaluator:
+        return MeanEvaluator(self.values)

@@ -29,10 +29,11 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def to_unit_float(x: Tensor) -> Tensor:
-    """uint8 -> float in [-1, 1] (the model-boundary range); float passes through."""
+def to_unit_float(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 -> ``dtype`` in [-1, 1] (the model-boundary range); float passes through. The
+    one uint8 -> [-1, 1] conversion: data batches, metrics, the MLflow model use it."""
     if x.dtype == torch.uint8:
-        return x.float() / 127.5 - 1
+        return x.to(dtype) / 127.5 - 1
     return x
 
 

@@ -21,9 +21,32 @@ class Fit:
     intercept: float
     r2: float
     n: int
+    span: float = 0.0  # the range of x the fit covers (max - min)
+    level: float = 0.0  # the mean of y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.slope * x + self.intercept
+
+    @property
+    def change(self) -> float:
+        """The fitted change of y across the x range the fit covers."""
+        return self.slope * self.span
+
+    @property
+    def direction(self) -> str:
+        """``rising`` or ``falling`` by the slope's sign, ``flat`` when the fitted change
+        across the sweep is under 0.1% of the mean level: an R^2 alone does not say which
+        way a sweep goes (a falling decoder sweep can have R^2 = 0.99)."""
+        if abs(self.change) <= 1e-3 * abs(self.level):
+            return "flat"
+        return "rising" if self.slope > 0 else "falling"
+
+    def describe(self) -> str:
+        """``R^2 = 0.940, rising (+1.9 across the sweep, n = 4)``"""
+        return (
+            f"R^2 = {self.r2:.3f}, {self.direction} ({self.change:+.3g} across the sweep, "
+            f"n = {self.n})"
+        )
 
 
 def fit_line(x: Sequence[float], y: Sequence[float]) -> Fit | None:
@@ -38,7 +61,8 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> Fit | None:
     total = ys - ys.mean()
     ss_tot = float(total @ total)
     r2 = 1.0 - float(residual @ residual) / ss_tot if ss_tot > 0 else 0.0
-    return Fit(float(slope), float(intercept), r2, int(xs.size))
+    span, level = float(np.ptp(xs)), float(ys.mean())
+    return Fit(float(slope), float(intercept), r2, int(xs.size), span, level)
 
 
 def _values(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
@@ -92,7 +116,12 @@ def scaling_figure(
                 )
         if fit is not None:
             grid = np.linspace(np.nanmin(x), np.nanmax(x), 50)
-            ax.plot(grid, fit(grid), color="tab:red", label=f"fit: R$^2$={fit.r2:.2f} (n={fit.n})")
+            ax.plot(
+                grid,
+                fit(grid),
+                color="tab:red",
+                label=f"fit: R$^2$={fit.r2:.2f}, {fit.direction} (n={fit.n})",
+            )
             ax.legend(fontsize=8, loc="best")
         ax.set_xlabel(f"log2 {x_label}" if log2_x else x_label)
         ax.set_ylabel(label)
@@ -137,3 +166,64 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: P
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c) for c in columns})
+
+
+def grouped_figure(
+    rows: Sequence[Mapping[str, Any]],
+    x_key: str,
+    y_key: str,
+    group_key: str,
+    *,
+    x_label: str,
+    y_label: str,
+    title: str,
+    log2_x: bool = False,
+):
+    """One panel: each group (``group_key``'s value) in its own colour with its own fitted
+    line, and one dashed line fitted through every point. Returns ``(figure, {"all": Fit |
+    None, group: Fit | None, ...})``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def xs_of(subset: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        x = _values(subset, x_key)
+        return np.log2(np.where(x > 0, x, np.nan)) if log2_x else x
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fits: dict[str, Fit | None] = {"all": fit_line(xs_of(rows), _values(rows, y_key))}
+    groups = sorted({str(r.get(group_key)) for r in rows})
+    for i, group in enumerate(groups):
+        subset = [r for r in rows if str(r.get(group_key)) == group]
+        x, y = xs_of(subset), _values(subset, y_key)
+        fit = fits[group] = fit_line(x, y)
+        colour = f"C{i}"
+        label = f"{group}" + (f": R$^2$={fit.r2:.2f}, {fit.direction}" if fit else "")
+        ax.scatter(x, y, color=colour, zorder=3, label=label)
+        for xi, yi, row in zip(x, y, subset):
+            if np.isfinite(xi) and np.isfinite(yi):
+                ax.annotate(
+                    str(row.get("trial", "")),
+                    (xi, yi),
+                    fontsize=6,
+                    alpha=0.7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        if fit is not None:
+            grid = np.linspace(np.nanmin(x), np.nanmax(x), 50)
+            ax.plot(grid, fit(grid), color=colour, alpha=0.7)
+    every = fits["all"]
+    if every is not None:
+        x = xs_of(rows)
+        grid = np.linspace(np.nanmin(x), np.nanmax(x), 50)
+        label = f"all: R$^2$={every.r2:.2f}, {every.direction}"
+        ax.plot(grid, every(grid), color="black", linestyle="--", alpha=0.6, label=label)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel(f"log2 {x_label}" if log2_x else x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig, fits

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitok.platform.media import clip_frame_indices, is_image, is_video
-from vitok.platform.storage import join
+from vitok.platform.storage import filesystem, is_local, join
+from vitok.platform.storage import name as storage_name
 
 if TYPE_CHECKING:
     from vitok.platform.data import DataConfig
@@ -63,24 +64,42 @@ def sample_video_dir() -> Path:
 _UCF_GROUP = re.compile(r"^(v_.+_g\d+)_c\d+$")
 
 
-def _split_key(root: Path, path: Path) -> str:
-    """Relative path; UCF-101 clips cut from one long video (``v_X_g07_c03``) share a key."""
-    rel = path.relative_to(root)
-    match = _UCF_GROUP.match(path.stem)
-    stem = match.group(1) if match else path.stem
-    return str(rel.parent / stem)
+def _split_key(rel: str) -> str:
+    """Relative path without extension; UCF-101 clips cut from one long video
+    (``v_X_g07_c03``) share a key."""
+    parent, _, name = rel.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    match = _UCF_GROUP.match(stem)
+    return str(Path(parent or ".") / (match.group(1) if match else stem))
 
 
-def _list_folder(root: Path, kind: str) -> list[Path]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"source folder {str(root)!r} does not exist")
+def _folder_listing(base: str, kind: str) -> list[tuple[str, int, int]]:
+    """``(path relative to base, bytes, mtime in ns)`` of the media files under a local
+    folder or a URI (``s3://bucket/UCF-101``), sorted by path."""
     keep = is_video if kind == "videos" else is_image
-    return sorted(p for p in root.rglob("*") if p.is_file() and keep(p) and ".part." not in p.name)
+    if is_local(base):
+        root = Path(base)
+        if not root.is_dir():
+            raise FileNotFoundError(f"source folder {base!r} does not exist")
+        paths = sorted(
+            p for p in root.rglob("*") if p.is_file() and keep(p) and ".part." not in p.name
+        )
+        stats = ((p, p.stat()) for p in paths)
+        return [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in stats]
+    import pyarrow.fs
 
-
-def _size_mtime(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    fs, path = filesystem(base)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"source folder {base!r} does not exist")
+    selector = pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=True)
+    found = [
+        (info.path[len(path) :].lstrip("/"), int(info.size), int(info.mtime_ns or 0))
+        for info in fs.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.File
+        and keep(info.path)
+        and ".part." not in info.base_name
+    ]
+    return sorted(found, key=lambda f: tuple(f[0].split("/")))
 
 
 def _synthetic_shape(cfg: DataConfig) -> tuple[int, int, int]:
@@ -116,63 +135,69 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def list_sources(cfg: DataConfig, root: str) -> tuple[list[SourceFile], list[dict[str, Any]]]:
+def list_sources(
+    cfg: DataConfig, root: str, *, render: bool = True
+) -> tuple[list[SourceFile], list[dict[str, Any]]]:
     """Every media file of every source, and a fingerprint of each source for the cache key.
 
     Renders the synthetic source (Ray tasks, cached under ``root/synthetic-<hash>``, where
-    ``root`` is a folder or URI under the storage root) if asked.
+    ``root`` is a folder or URI under the storage root) if asked; ``render=False`` gives its
+    fingerprint and no files (the cache key without the work). Folders may be local paths
+    or URIs.
     """
     files: list[SourceFile] = []
     prints: list[dict[str, Any]] = []
     for sid, src in enumerate(cfg.sources):
         kind, arg = parse_source(src)
         if kind == "synthetic":
-            from vitok.platform.synthetic import make_synthetic
-
             key = _synthetic_key(cfg)
-            folder = join(root, f"synthetic-{digest(key)}")
-            n, h, w = key["shape"]
-            rels = make_synthetic(
-                folder,
-                classes=cfg.synthetic_classes,
-                videos=cfg.synthetic_videos,
-                n_frames=n,
-                height=h,
-                width=w,
-                fps=cfg.synthetic_fps,
-                seed=cfg.synthetic_seed,
-            )
             prints.append({"kind": "synthetic", **key})
-            for rel in rels:  # <class>/<file>.mp4: the folder is the label
-                label = rel.split("/")[0]
-                split_key = f"{sid}/{rel.rsplit('.', 1)[0]}"  # as _split_key: no extension
-                files.append(SourceFile(join(folder, rel), label, sid, split_key))
+            if render:
+                files += _synthetic_files(cfg, sid, join(root, f"synthetic-{digest(key)}"))
             continue
+        if kind == "samples":
+            base, kind = str(sample_video_dir()), "videos"
         else:
-            if kind == "samples":
-                base, kind = sample_video_dir(), "videos"
-            else:
-                base = Path(arg).expanduser().resolve()
-            if kind == "auto":
-                kind = "videos" if _list_folder(base, "videos") else "images"
-                if kind == "images" and cfg.frames != 1:
-                    raise ValueError(
-                        f"sources entry {src!r} holds no videos; as images it needs frames=1"
-                    )
-            paths = _list_folder(base, kind)
-            stats = [
-                (str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths
-            ]
-            prints.append({"kind": kind, "root": str(base), "files": digest(stats)})
-        for p in paths:
+            base = arg if "://" in arg else str(Path(arg).expanduser().resolve())
+        listing = _folder_listing(base, "videos" if kind == "auto" else kind)
+        if kind == "auto":  # videos if the folder holds any (listed once), else images
+            kind = "videos" if listing else "images"
+            if kind == "images" and cfg.frames != 1:
+                raise ValueError(
+                    f"sources entry {src!r} holds no videos; as images it needs frames=1"
+                )
+            listing = listing or _folder_listing(base, "images")
+        prints.append({"kind": kind, "root": base, "files": digest([list(f) for f in listing])})
+        for rel, _, _ in listing:
+            name, parent = rel.rsplit("/", 1)[-1], rel.rpartition("/")[0]
             if src == "samples":
-                label = p.stem  # four unrelated clips: one class each
-            elif p.parent == base:
-                label = base.name
+                label = name.rsplit(".", 1)[0]  # four unrelated clips: one class each
             else:
-                label = p.parent.name
-            files.append(SourceFile(str(p), label, sid, f"{sid}/{_split_key(base, p)}"))
+                label = parent.rsplit("/", 1)[-1] if parent else storage_name(base)
+            path = str(Path(base) / rel) if is_local(base) else join(base, rel)
+            files.append(SourceFile(path, label, sid, f"{sid}/{_split_key(rel)}"))
     return files, prints
+
+
+def _synthetic_files(cfg: DataConfig, sid: int, folder: str) -> list[SourceFile]:
+    from vitok.platform.synthetic import make_synthetic
+
+    n, h, w = _synthetic_shape(cfg)
+    rels = make_synthetic(
+        folder,
+        classes=cfg.synthetic_classes,
+        videos=cfg.synthetic_videos,
+        n_frames=n,
+        height=h,
+        width=w,
+        fps=cfg.synthetic_fps,
+        seed=cfg.synthetic_seed,
+    )
+    out = []
+    for rel in rels:  # <class>/<file>.mp4: the folder is the label
+        split_key = f"{sid}/{rel.rsplit('.', 1)[0]}"  # as _split_key: no extension
+        out.append(SourceFile(join(folder, rel), rel.split("/")[0], sid, split_key))
+    return out
 
 
 def assign_splits(files: list[SourceFile], val_fraction: float, seed: int) -> dict[str, str]:

@@ -12,7 +12,10 @@ object store (``s3://bucket/prefix``, ``gs://bucket/prefix``) or a shared mount
 
 Every location is a string: an absolute local path or a URI. The filesystems are pyarrow's
 (the ones Ray Train and Ray Data use themselves); S3 endpoints and credentials come from the
-usual environment (``AWS_ENDPOINT_URL``, an instance role, ...). Writes of one object are
+usual environment (``AWS_ENDPOINT_URL``, an instance role, ...) or, for the endpoint, from
+the URI's query as Ray's docs show for MinIO and Ceph
+(``s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http``): ``join`` puts path parts
+before the query, so every location under such a root carries it. Writes of one object are
 atomic (local: write a temporary file then rename; object stores: one PUT), so a folder is
 committed by writing its manifest last and readers trust only what a manifest lists.
 """
@@ -66,22 +69,34 @@ def resolve_root(root: str | None = None) -> str:
         root = root[len("file://") :]
     if is_local(root):
         return str(Path(root).expanduser().resolve())
-    return root.rstrip("/")
+    path, query = _split_query(root)
+    return path.rstrip("/") + query
 
 
 def is_local(uri: str) -> bool:
     return "://" not in uri
 
 
+def _split_query(uri: str) -> tuple[str, str]:
+    """``("s3://b/x", "?endpoint_override=...")`` from a URI; a local path has no query."""
+    if is_local(uri):
+        return uri, ""
+    path, sep, query = uri.partition("?")
+    return path, sep + query
+
+
 def join(uri: str, *parts: str) -> str:
-    out = uri.rstrip("/")
+    """``uri``/``parts``; a URI's query (``?endpoint_override=...``) stays at the end."""
+    out, query = _split_query(uri)
+    out = out.rstrip("/")
     for part in parts:
         out = f"{out}/{part.strip('/')}"
-    return out
+    return out + query
 
 
 def name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
+    """The last path part (a URI's query is not part of it)."""
+    return _split_query(uri)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 @functools.lru_cache(maxsize=16)

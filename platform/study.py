@@ -1,4 +1,5 @@
-"""A study's state under the storage root, and the Ray Tune run that fills it.
+"""A study's state under the storage root, and the Tune callbacks of its trials and driver
+(the Tune run itself is built in ``pipelines/study_tune.py``).
 
 A study folder (``<root>/studies/<name>``) holds everything a stopped study needs to go on,
 whatever node or code runs it next::
@@ -28,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vitok.platform import storage
+from vitok.platform.leases import holder_alive
 
 STUDIES = "studies"
 LEASE_FILE = "driver.json"
@@ -35,6 +37,9 @@ LEASE_HEARTBEAT_S = 20.0
 LEASE_STALE_S = 90.0
 RESULT_FILE = "result.json"
 FINISHED, STOPPED = "finished", "stopped"
+# In a trial's result: it found its committed result (the same configuration ran before,
+# in this study or an earlier run of it) and reported that, without running again.
+REUSED = "reused_committed_result"
 
 
 class StudyStore:
@@ -81,7 +86,7 @@ class StudyStore:
         for ``LEASE_STALE_S``) is taken over, so a killed study resumes at once.
         """
         holder = self._lease()
-        if holder is not None and _lease_alive(holder):
+        if holder is not None and holder_alive(holder, LEASE_STALE_S):
             raise SystemExit(
                 f"error: study {self.name} is being run by pid {holder['pid']} on "
                 f"{holder['host']} (since {time.ctime(holder['started'])}); stop that one first "
@@ -160,19 +165,6 @@ class StudyStore:
     def events(self) -> list[dict[str, Any]]:
         names = [n for n in storage.listdir(self.path("events")) if n.endswith(".json")]
         return [storage.read_json(self.path("events", n)) for n in sorted(names)]
-
-
-def _lease_alive(lease: Mapping[str, Any]) -> bool:
-    """A lease's driver still runs: its pid on this host, else a recent heartbeat."""
-    if lease.get("host") == socket.gethostname():
-        try:
-            os.kill(int(lease["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return time.time() - float(lease.get("heartbeat", 0)) < LEASE_STALE_S
 
 
 def report_to_tune_callback(required: Sequence[str], constants: Mapping[str, Any]) -> Any:
@@ -317,8 +309,16 @@ def study_progress(
                 store.commit(name, {**last, "params": dict(trial.config)}, status=STOPPED)
                 status = STOPPED
             minutes = float((trial.last_result or {}).get("time_total_s", 0.0)) / 60
+            if last.get(REUSED):
+                status = "reused"
+                text = (
+                    f"[vitok] trial {name} reused: this configuration already ran; its "
+                    f"committed result was reported again, nothing trained ({summary(last)})"
+                )
+            else:
+                text = f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min"
             table.update(name, state=status, end=time.time(), **{c: last.get(c) for c in columns})
-            table.line(f"[vitok] trial {name} {status}: {summary(last)}, {minutes:.1f} min")
+            table.line(text)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
             name = trial_name(trial.config)
@@ -361,6 +361,7 @@ def seeded_optuna_storage(
 
 __all__ = [
     "FINISHED",
+    "REUSED",
     "STOPPED",
     "StatusTable",
     "StudyStore",

@@ -25,10 +25,14 @@ from vitok.platform.tracking_client import mlflow_client, resolve_uri
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+ERROR_TAG = "vitok.error"  # why a run owned by ``owned_run`` ended FAILED
+ERROR_TAG_CHARS = 2000  # MLflow keeps tag values of up to 8000 characters
 
 __all__ = [
+    "ERROR_TAG",
     "RunLogger",
     "TrackingConfig",
+    "error_text",
     "get_or_create_experiment",
     "log_pyfunc_model",
     "owned_run",
@@ -84,7 +88,8 @@ def start_run(
     """Create a run, or reopen the one whose id ``resume_file`` holds (no duplicates).
 
     ``resume_file`` is a file under the storage root (a local path or a URI), so a rerun on
-    any node finds the run. Returns the run id, or None when tracking is disabled.
+    any node finds the run; a reopened run loses the error tag of its failed attempt.
+    Returns the run id, or None when tracking is disabled.
     """
     if not cfg.enabled:
         return None
@@ -94,11 +99,13 @@ def start_run(
     if resume_file is not None and storage.is_file(resume_file):
         run_id = storage.read_text(resume_file).strip()
         try:
-            client.get_run(run_id)
+            earlier = client.get_run(run_id)
         except Exception:
             run_id = ""
         if run_id:
             client.update_run(run_id, status="RUNNING")
+            if ERROR_TAG in earlier.data.tags:
+                client.delete_tag(run_id, ERROR_TAG)
             return run_id
     exp_id = get_or_create_experiment(uri, cfg.experiment)
     all_tags = dict(tags or {})
@@ -122,19 +129,27 @@ def owned_run(
 ) -> Iterator[RunLogger | None]:
     """The one owner of a stage's run: creates (or resumes, see ``start_run``) the run and
     yields its logger (None when tracking is disabled); ends it FINISHED when the body
-    returns and FAILED when it raises. Workers log steps to the same run by its id."""
+    returns and FAILED when it raises, with the error (``Type: message``) in the
+    ``vitok.error`` tag. Workers log steps to the same run by its id."""
     run_id = start_run(
         cfg, run_name, resume_file=resume_file, parent_run_id=parent_run_id, tags=tags
     )
     logger = RunLogger(cfg.uri, run_id) if run_id else None
     try:
         yield logger
-    except BaseException:
+    except BaseException as err:
         if logger:
+            logger.set_tags({ERROR_TAG: error_text(err)})
             logger.finish("FAILED")
         raise
     if logger:
         logger.finish("FINISHED")
+
+
+def error_text(err: BaseException) -> str:
+    """``Type: message`` of an exception, cut to what a tag holds."""
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return text[:ERROR_TAG_CHARS]
 
 
 def log_pyfunc_model(

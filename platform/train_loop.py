@@ -1,7 +1,7 @@
 """The Ray Train worker loop in named pieces: the model and its engines (``Worker``), the
-``Checkpointer``, this worker's data (``train_data.WorkerData``), the ``MetricWindow``,
-``StepLogger``, ``evaluate`` and the ``Loop`` that steps them (started by
-``train.run_training``).
+``Checkpointer``, ``evaluate`` and the ``Loop`` that steps them (started by
+``train.run_training``), with this worker's data (``train_data.WorkerData``) and the
+``MetricWindow`` and ``StepLogger`` from ``train_metrics.py``.
 
 A resumed run ends as an uninterrupted one would (same weights, same curve): all a step
 consumes is a function of (seed, epoch, world, rank, micro step) and of the checkpoint

@@ -100,11 +100,21 @@ def save_i3d_standin(path: Path, seed: int = 0) -> Path:
     return path
 
 
+class FirstColumn:
+    """Per-clip values for ``MeanEvaluator``: a batch's first feature column."""
+
+    names = ("first",)
+
+    def __call__(self, model: object, batch: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+        return {"first": batch["x"][:, 0]}
+
+
 def reduce_worker(rank: int, world: int, init_file: str, features: Tensor, out_dir: str) -> None:
-    """One gloo rank: accumulate its half of the features and scalars, all_reduce, save."""
+    """One gloo rank: accumulate its half of the features and scalars, all_reduce, save; and
+    a ``MeanEvaluator`` that only rank 0 feeds (every feature, in batches of 7)."""
     import torch.distributed as dist
 
-    from vitok.platform.metrics import MetricState
+    from vitok.platform.metrics import MeanEvaluator, MetricState
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -115,9 +125,11 @@ def reduce_worker(rank: int, world: int, init_file: str, features: Tensor, out_d
         state.add_values("psnr", part[:, 0])
         state.all_reduce()
         mean, cov = state.moments["fid/real"].mean_cov()
-        torch.save(
-            {"mean": torch.from_numpy(mean), "cov": torch.from_numpy(cov), "psnr": state.means()},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        evaluator = MeanEvaluator(FirstColumn())
+        for batch in features.split(7) if rank == 0 else ():
+            evaluator.update(None, {"x": batch})
+        out = {"mean": torch.from_numpy(mean), "cov": torch.from_numpy(cov), "psnr": state.means()}
+        out["first"] = evaluator.compute()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -130,10 +130,11 @@ def test_images_decode_as_single_frames(tmp_path: Path) -> None:
 def test_split_is_deterministic_by_file_and_groups_ucf_clips() -> None:
     from vitok.platform.sources import SourceFile, _split_key
 
-    root = Path("/d")
     names = [f"v_Run_g{g:02d}_c{c:02d}.avi" for g in range(1, 11) for c in range(1, 4)]
-    files = [SourceFile(f"/d/Run/{n}", "Run", 0, _split_key(root, root / "Run" / n)) for n in names]
+    files = [SourceFile(f"/d/Run/{n}", "Run", 0, _split_key(f"Run/{n}")) for n in names]
     assert len({f.split_key for f in files}) == 10  # one key per group
+    assert _split_key("Run/v_Run_g07_c03.avi") == "Run/v_Run_g07"
+    assert _split_key("top.mp4") == "top" and _split_key("a/b.c.mp4") == "a/b.c"
     a = assign_splits(files, 0.3, seed=1)
     assert a == assign_splits(files, 0.3, seed=1)
     assert set(a.values()) == {"train", "val"}

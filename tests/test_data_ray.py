@@ -19,6 +19,7 @@ from vitok.platform.data import (
     first_clips,
     model_batches,
     prepare,
+    tiny_synthetic_data,
     to_model_input,
 )
 
@@ -231,15 +232,7 @@ def test_preprocess_cli_logs_counts_to_mlflow(ray_local, tmp_path: Path, mlflow_
 
 
 def test_crashed_attempts_are_ignored_and_damaged_shards_rebuilt(ray_local, tmp_path, capsys):
-    cfg = DataConfig(
-        sources=("synthetic",),
-        frames=4,
-        size=(16, 16),
-        clips_per_video=1,
-        val_fraction=0.0,
-        synthetic_classes=2,
-        synthetic_videos=4,
-    )
+    cfg = tiny_synthetic_data()
     root = str(tmp_path / "store")
     first = prepare(cfg, root, progress=False)
     folder = Path(first.root)
@@ -250,6 +243,7 @@ def test_crashed_attempts_are_ignored_and_damaged_shards_rebuilt(ray_local, tmp_
     (crashed / "part.parquet").write_bytes(b"PAR1 half a file")
     again = prepare(cfg, root, progress=False)
     assert not again.reused and again.num_train == first.num_train == 4
+    assert again.decoded_files == 0  # every unit committed: only the manifest was missing
     # The commit removed every attempt its manifest does not list.
     assert [p.name for p in (folder / "attempts").iterdir()] == [again.manifest["attempt"]]
 
@@ -260,19 +254,25 @@ def test_crashed_attempts_are_ignored_and_damaged_shards_rebuilt(ray_local, tmp_
     fixed = prepare(cfg, root, progress=False)
     assert "incomplete or damaged" in capsys.readouterr().out
     assert not fixed.reused and fixed.manifest["attempt"] != again.manifest["attempt"]
+    assert fixed.decoded_files == 1  # the damaged shard's unit (one file) alone
     assert clip_dataset(fixed, "train").count() == 4
     assert prepare(cfg, root, progress=False).reused
 
 
-def test_preprocess_cli_applies_source_and_set_together(ray_local, tmp_path: Path) -> None:
+def test_preprocess_cli_applies_source_and_set_together(ray_local, tmp_path, capsys) -> None:
     from vitok.pipelines.preprocess import main
 
     for i in range(3):
         write_png(tmp_path / "img" / "cat" / f"{i}.png", (40, 50), seed=i)
-    # --set before --source, and a source that is only valid with the --set: one validation.
+    # --set before --source, and a source that is only valid with the --set: one validation
+    # (of the whole experiment: the demo preset's tokenizer must take one frame too).
     argv = ["--set", "frames=1", "--source", f"images:{tmp_path / 'img'}"]
-    argv += ["--set", "size=[16,16]", "--storage", str(tmp_path / "out"), "--no-progress"]
-    assert main(argv) == 0
+    argv += ["--storage", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "tubelet=2" in capsys.readouterr().err
+    assert main([*argv, "--set", "tokenizer.tubelet=1"]) == 0
+    assert "data hash:" in capsys.readouterr().out
 
 
 def _reasons(p: PreparedData) -> dict[str, str]:
@@ -334,19 +334,12 @@ def test_a_mostly_rejected_source_stops_prepare(ray_local, tmp_path: Path) -> No
     lenient = dataclasses.replace(cfg, max_reject_fraction=1.0)
     p = prepare(lenient, str(tmp_path / "out"), progress=False)
     assert Path(p.root) == data and p.num_train == 1 and p.num_rejects == 3
+    assert p.decoded_files == 0  # the stopped run's units were committed: none decoded again
     assert [a.name for a in (data / "attempts").iterdir()] == [p.manifest["attempt"]]
 
 
 def test_a_flipped_byte_in_a_cached_shard_is_detected(ray_local, tmp_path, capsys) -> None:
-    cfg = DataConfig(
-        sources=("synthetic",),
-        frames=4,
-        size=(16, 16),
-        clips_per_video=1,
-        val_fraction=0.0,
-        synthetic_classes=2,
-        synthetic_videos=4,
-    )
+    cfg = tiny_synthetic_data()
     root = str(tmp_path / "store")
     first = prepare(cfg, root, progress=False)
     entry = first.manifest["files"]["train"][0]

@@ -12,11 +12,11 @@ import torch
 
 from vitok.generator import GeneratorConfig, build_objective
 from vitok.generator.sampling import generate
-from vitok.generator.task import DiffusionLossEvaluator, GeneratorTask, load_generator
+from vitok.generator.task import DiffusionLoss, GeneratorTask, load_generator
 from vitok.pipelines.generation_eval import latent_features
 from vitok.platform.feature_pool import generation_metrics
 from vitok.platform.latents import ChannelMoments, LatentBatch, LatentEncoder, LatentStats
-from vitok.platform.metrics import FeatureMoments
+from vitok.platform.metrics import FeatureMoments, MeanEvaluator
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 
@@ -97,7 +97,7 @@ def test_generator_task_steps_lower_the_loss_and_update_the_ema():
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def mean_loss(module) -> float:  # fixed timesteps/noise: comparable across calls
-        evaluator = DiffusionLossEvaluator(TINY_GEN, repeats=8)
+        evaluator = MeanEvaluator(DiffusionLoss(TINY_GEN, repeats=8))
         evaluator.update(module, batch)
         return evaluator.compute()["diffusion_loss"]
 
@@ -145,7 +145,7 @@ def test_latent_batch_normalises_and_evaluator_is_deterministic():
         model.final_layer.linear.weight.normal_()
     values = []
     for _ in range(2):
-        evaluator = DiffusionLossEvaluator(TINY_GEN)
+        evaluator = MeanEvaluator(DiffusionLoss(TINY_GEN))
         evaluator.update(model, _latent_batch())
         values.append(evaluator.compute()["diffusion_loss"])
     assert values[0] == values[1] and values[0] > 0

@@ -22,8 +22,9 @@ import torch
 from helpers_train import train_locally
 
 from vitok.generator import GeneratorConfig
-from vitok.generator.task import DiffusionLossEvaluator, GeneratorTask
+from vitok.generator.task import DiffusionLoss, GeneratorTask
 from vitok.platform.clips import ClipBatch
+from vitok.platform.metrics import MeanEvaluator
 from vitok.platform.synthetic import render_clip
 from vitok.platform.train import TrainConfig
 from vitok.tokenizer import LossConfig, TokenizerConfig, ViTok
@@ -135,7 +136,7 @@ def _generator_curve() -> dict[str, list[float]]:
         pick = torch.randperm(16, generator=g)[: GENERATOR_TRAIN.batch_size]
         batches.append({"z": latents[pick], "label": labels[pick]})
     model, history = train_locally(task, batches, GENERATOR_TRAIN)
-    evaluator = DiffusionLossEvaluator(GENERATOR, repeats=4)
+    evaluator = MeanEvaluator(DiffusionLoss(GENERATOR, repeats=4))
     with torch.no_grad():
         evaluator.update(task.eval_module(model), {"z": latents, "label": labels})
     return {

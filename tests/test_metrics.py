@@ -147,6 +147,8 @@ def test_all_reduce_across_two_processes_equals_one_shot(tmp_path):
         np.testing.assert_allclose(out["mean"].numpy(), ref.mean(0), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(out["cov"].numpy(), np.cov(ref, rowvar=False), atol=1e-12)
         assert out["psnr"]["psnr"] == pytest.approx(float(ref[:, 0].mean()))
+        # The mean of per-clip values: rank 1 saw no batch and still takes part.
+        assert out["first"] == {"first": pytest.approx(float(ref[:, 0].mean()), rel=1e-12)}
 
 
 def test_skip_is_announced_once_by_name(monkeypatch, capsys):

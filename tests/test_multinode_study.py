@@ -91,7 +91,7 @@ def test_study_runs_across_two_nodes_with_storage_in_s3(tmp_path: Path):
             assert any(k.startswith(f"{study}/trials/{trial}/generator/latents/") for k in keys)
         # Shards (committed by their manifest), the synthetic source, Tune state, the report.
         assert any(k.startswith("vitok/data/") and k.endswith("/manifest.json") for k in keys)
-        assert any(k.endswith(".parquet") and "/attempts/" in k for k in keys)
+        assert any(k.endswith(".parquet") and "/shards/split=train/" in k for k in keys)
         assert any(k.startswith("vitok/data/synthetic-") and k.endswith(".mp4") for k in keys)
         assert any(k.startswith(f"{study}/tune/") for k in keys)
         for name in ("report.md", "scaling_E.png", "trials.csv"):

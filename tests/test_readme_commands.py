@@ -15,11 +15,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # Commands that finish in seconds on a CPU, run as written.
 RUN_AS_WRITTEN = {"model_stats.py"}
 # Commands that run for minutes or need a cluster or a dataset: resolved, not run.
-PRINT_CONFIG = {"scaling_study.py", "train_tokenizer.py", "train_generator.py"}
+PRINT_CONFIG = {"scaling_study.py", "train_tokenizer.py", "train_generator.py", "preprocess.py"}
 # Checked by their own tests (each is named).
 # Not checkable here, and why (each is exercised by the test named).
 ELSEWHERE = {
-    "preprocess.py": "tests/test_data_ray.py::test_preprocess_cli_applies_source_and_set_together",
     "benchmark.py": "a benchmark that prints figures, minutes long",
     "cluster_check.py": "tests/test_cluster.py (it needs a cluster to check)",
 }
@@ -66,6 +65,59 @@ def test_readme_command(command, capsys, tmp_path, monkeypatch, mlflow_uri):
     out = capsys.readouterr().out
     assert code in (0, None), out
     if script in PRINT_CONFIG:
-        assert "name: " in out and "\ntokenizer:\n" in out
+        check_printed_config(script, argv[1:], out)
     else:
-        assert "S-B/16" in out and "E" in out
+        check_model_stats(argv[1:], out)
+
+
+def check_printed_config(script: str, args: list[str], out: str) -> None:
+    """The printed YAML is the preset the command names with each ``--set`` and ``--data``
+    applied: every override's value at its path, everything else the preset's (the lines
+    the command prints before it, ``[vitok] ...``, say what it filled in)."""
+    import yaml
+
+    from vitok.pipelines.presets import preset
+    from vitok.platform.config import to_dict
+
+    notes = [line for line in out.splitlines() if line.startswith("[vitok] ")]
+    printed = yaml.safe_load("\n".join(line for line in out.splitlines() if line not in notes))
+    expected = to_dict(preset(args[args.index("--preset") + 1]))
+    if script == "train_generator.py" and expected["generator_train"] is None:
+        assert "[vitok] no generator_train section: using the tokenizer's train settings" in notes
+        expected["generator_train"] = expected["train"]
+    for flag, value in zip(args, args[1:]):
+        if flag == "--set":
+            key, _, raw = value.partition("=")
+            *parents, leaf = key.split(".")
+            section = expected
+            for name in parents:
+                section = section[name]
+            section[leaf] = yaml.safe_load(raw)
+        elif flag == "--data":
+            expected["data"]["sources"] = [value]
+    assert printed == expected
+
+
+def check_model_stats(args: list[str], out: str) -> None:
+    """One row per variant in the order given, with L and E from the variant's patch and
+    tubelet at the paper's input sizes (256x256 images, 16x128x128 video), c = 16, and the
+    paper's encoder and decoder sizes in millions of parameters."""
+    from vitok.pipelines.paper import SIZE_PARAMS_M
+
+    lines = out.splitlines()
+    header = lines[0].split()
+    rows = [dict(zip(header, line.split())) for line in lines[1 : 1 + len(args)]]
+    assert [r["variant"] for r in rows] == args
+    for row in rows:
+        sizes, _, patching = row["variant"].partition("/")
+        encoder, decoder = sizes.split("-")
+        q, p = (int(v) for v in patching.split("x")) if "x" in patching else (1, int(patching))
+        t, h, w = (16, 128, 128) if q > 1 else (1, 256, 256)
+        tokens = (t // q) * (h // p) * (w // p)
+        assert row["input"] == f"{t}x{h}x{w}" and row["c"] == "16"
+        assert (int(row["L"]), int(row["E"])) == (tokens, tokens * 16), row
+        assert float(row["enc_M"]) == pytest.approx(SIZE_PARAMS_M[encoder], abs=0.3), row
+        assert float(row["dec_M"]) == pytest.approx(SIZE_PARAMS_M[decoder], abs=0.3), row
+        assert float(row["total_M"]) == pytest.approx(
+            float(row["enc_M"]) + float(row["dec_M"]), abs=0.11
+        )

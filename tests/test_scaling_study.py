@@ -167,8 +167,11 @@ def test_smoke_study_grid_end_to_end(ray_local, tmp_path, mlflow_uri):
 
 
 @pytest.mark.slow
-def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri):
+def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri, capsys):
+    from mlflow.tracking import MlflowClient
+
     from vitok.pipelines.scaling_study import run_study
+    from vitok.platform.pareto import pareto_front
 
     cfg = _study_cfg(
         tmp_path, mlflow_uri, mode="optuna", num_samples=2, objectives=("psnr:max", "gflops:min")
@@ -183,17 +186,67 @@ def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri):
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{db}")
     assert len(study.directions) == 2
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
+    # The Pareto front: the best models (each registered, tagged), tagged on the trials'
+    # runs for the runs table, plotted and tabled in the report and the parent's description.
+    flags = pareto_front(result.rows, [("val/psnr", "max"), ("gflops", "min")])
+    front = {r["trial"] for r, on in zip(result.rows, flags) if on}
+    assert result.best["rule"] == "pareto front"
+    assert {f["trial"] for f in result.best["front"]} == front
+    client = MlflowClient(mlflow_uri)
+    for row, on in zip(result.rows, flags):
+        tags = client.get_run(row["tokenizer_run_id"]).data.tags
+        assert tags["vitok.pareto_front"] == ("true" if on else "false")
+    for entry in result.best["front"]:
+        version = client.get_model_version(*entry["uri"].split("/")[1:])
+        assert version.tags["pareto_front"] == "true" and version.tags["trial"] == entry["trial"]
+    assert (Path(result.store.path("report")) / "pareto_front.png").stat().st_size > 1000
+    parent = client.get_run(result.parent_run_id).data.tags
+    assert "## Pareto front" in parent["mlflow.note.content"]
+    plot = f"(get-artifact?path=report%2Fpareto_front.png&run_uuid={result.parent_run_id})"
+    assert plot in parent["mlflow.note.content"]
+    assert parent["vitok.best_trial"] == ",".join(f["trial"] for f in result.best["front"])
+    parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert "report/pareto_front.png" in parent_artifacts
     # --resume with one more sample: both objectives of the finished trials are told to the
-    # new sampler, and no finished trial runs again.
+    # new sampler, and no finished trial runs again. Both values of c have run, so the
+    # sample repeats one: the console says its result was reused.
+    capsys.readouterr()
     more = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, num_samples=3))
     second = run_study(more, resume=True, force=True, preset_name="smoke-study")
     assert second.store.uri == result.store.uri and not second.failed
+    assert "reused: this configuration already ran" in capsys.readouterr().out
     starts = [e["trial"] for e in second.store.events() if e["event"] == "started"]
     assert len(starts) == len(set(starts)) == len(second.store.results()) in (2, 3)
     told = optuna.load_study(
         study_name=cfg.name, storage=f"sqlite:///{second.store.path('optuna.db')}"
     )
     assert len(told.directions) == 2 and len(told.trials) == 3
+
+
+@pytest.mark.slow
+def test_a_configuration_proposed_twice_at_once_trains_once(
+    ray_local, tmp_path, mlflow_uri, capsys
+):
+    """Optuna with two trials at a time over one configuration: both proposals start
+    together; one trains, the other waits for its result and says it reused it (before, both
+    trained into the same trial folder and MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    from vitok.pipelines.scaling_study import run_study
+
+    cfg = _study_cfg(
+        tmp_path, mlflow_uri, mode="optuna", num_samples=2, sweeps=("c=8",), max_concurrent=2
+    )
+    cfg = dataclasses.replace(cfg, generator_train=None)
+    result = run_study(cfg, preset_name="smoke-study")
+    assert [r["trial"] for r in result.rows] == ["c8"] and not result.failed
+    starts = [e for e in result.store.events() if e["event"] == "started"]
+    assert len(starts) == 1
+    assert "trial c8 reused: this configuration already ran" in capsys.readouterr().out
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("study-test")
+    runs = client.search_runs([exp.experiment_id], "tags.`vitok.kind` = 'tokenizer'")
+    assert len(runs) == 1
 
 
 @pytest.mark.slow

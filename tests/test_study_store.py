@@ -131,3 +131,56 @@ def test_status_table_redraws_in_place_on_a_terminal_and_prints_only_lines_elsew
     table.draw()
     table.line("[vitok] trial c4 finished: E=256")
     assert log.getvalue() == "[vitok] trial c4 finished: E=256\n"
+
+
+def test_a_configuration_proposed_while_it_runs_waits_for_its_result(tmp_path: Path):
+    """Two attempts (Tune trials) of one configuration: the first holds the trial and runs
+    it; the second waits, and gets the first one's committed result instead of training the
+    same folder again at the same time."""
+    import threading
+    import time
+
+    from vitok.platform.leases import TrialLease
+
+    trial = str(tmp_path / "trials" / "c8")
+    result: dict = {}
+    first = TrialLease(trial, "trial-a", settle_s=0.05)
+    assert first.acquire_or_wait(lambda: result or None) is None  # first: runs it
+    waited: list = []
+    second = TrialLease(trial, "trial-b", settle_s=0.05)
+    waiter = threading.Thread(
+        target=lambda: waited.append(second.acquire_or_wait(lambda: result or None, 0.05))
+    )
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and not waited  # the holder runs: the second waits
+    result.update({"val/psnr": 20.0})  # the first commits, then releases
+    first.release()
+    waiter.join(5)
+    assert waited == [{"val/psnr": 20.0}]
+    assert not (Path(trial) / "lease.json").exists()
+
+
+def test_a_dead_trials_lease_is_taken_over_and_a_retry_retakes_its_own(tmp_path: Path):
+    import json
+    import socket
+
+    from vitok.platform.leases import TrialLease
+
+    trial = tmp_path / "trials" / "c8"
+    trial.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    lease = {"owner": "trial-a", "token": "t", "host": socket.gethostname(), "pid": int(dead)}
+    (trial / "lease.json").write_text(json.dumps({**lease, "heartbeat": 0}))
+    taker = TrialLease(str(trial), "trial-b", settle_s=0.05)
+    assert taker.acquire_or_wait(lambda: None, 0.05) is None  # the holder's pid is gone
+    assert json.loads((trial / "lease.json").read_text())["owner"] == "trial-b"
+    # A retried attempt (the same Tune trial) takes its own live lease back at once.
+    retry = TrialLease(str(trial), "trial-b", settle_s=0.05)
+    assert retry.acquire_or_wait(lambda: None, 0.05) is None
+    taker.release()  # not its lease any more: leaves the retry's in place
+    assert json.loads((trial / "lease.json").read_text())["token"] == retry._token
+    retry.release()
+    assert not (trial / "lease.json").exists()

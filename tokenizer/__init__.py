@@ -2,7 +2,7 @@
 
 from vitok.tokenizer.config import SIZES, ModelSize, TokenizerConfig, parse_variant
 from vitok.tokenizer.discriminator import Discriminator, hinge_d_loss, hinge_g_loss
-from vitok.tokenizer.flops import count_params, forward_flops, param_counts
+from vitok.tokenizer.flops import count_params, forward_flops, meta_model, param_counts
 from vitok.tokenizer.losses import (
     LossConfig,
     build_discriminator,
@@ -33,6 +33,7 @@ __all__ = [
     "generator_loss",
     "hinge_d_loss",
     "hinge_g_loss",
+    "meta_model",
     "param_counts",
     "parse_variant",
     "patchify",

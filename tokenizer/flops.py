@@ -21,24 +21,33 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def param_counts(config: TokenizerConfig) -> dict[str, int]:
-    """{'encoder', 'decoder', 'total'} parameter counts of a variant (meta device, free)."""
+def meta_model(config: TokenizerConfig) -> ViTok:
+    """The variant built on the meta device: shapes only, no memory (build once, then pass it
+    to ``param_counts`` and ``forward_flops``)."""
     with torch.device("meta"):
-        model = ViTok(config)
+        return ViTok(config)
+
+
+def param_counts(config: TokenizerConfig, model: ViTok | None = None) -> dict[str, int]:
+    """{'encoder', 'decoder', 'total'} parameter counts of a variant (meta device, free)."""
+    model = model if model is not None else meta_model(config)
     encoder = sum(p.numel() for p in model.encoder_parameters())
     decoder = sum(p.numel() for p in model.decoder_parameters())
     return {"encoder": encoder, "decoder": decoder, "total": count_params(model)}
 
 
-def forward_flops(config: TokenizerConfig, batch_size: int = 1) -> dict[str, float]:
-    """Forward FLOPs of encode + decode for one batch at `config.input_size`.
+def forward_flops(
+    config: TokenizerConfig, batch_size: int = 1, model: ViTok | None = None
+) -> dict[str, float]:
+    """Forward FLOPs of encode + decode for one batch at `config.input_size` (of ``model``,
+    its meta-device build, when given).
 
     Returns {'flops', 'macs', 'gflops', 'gmacs', 'encoder_flops', 'decoder_flops'}
     (flops = 2 * macs; matmuls and attention only, as torch's flop counter counts).
     """
     t, h, w = config.input_size
+    model = model if model is not None else meta_model(config)
     with torch.device("meta"):
-        model = ViTok(config)
         x = torch.empty(batch_size, t, h, w, 3)
     with torch.no_grad():
         with FlopCounterMode(display=False) as enc_counter:

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vitok.layers import Block, ModelSize, RMSNorm, axial_rope
+from vitok.layers import Block, ModelSize, RMSNorm, axial_rope, init_linear
 from vitok.tokenizer.config import TokenizerConfig
 
 
@@ -105,13 +105,10 @@ class ViTok(nn.Module):
 
     def initialize_weights(self) -> None:
         """All weight init in one place."""
+        # Every Linear (qkv, proj, SwiGLU, embeddings): Xavier-uniform, zero bias.
+        init_linear(self)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                # Every Linear (qkv, proj, SwiGLU, embeddings): Xavier-uniform, zero bias.
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm) and module.weight is not None:
+            if isinstance(module, RMSNorm) and module.weight is not None:
                 # Norms start as plain RMS normalisation.
                 nn.init.ones_(module.weight)
         # Bottleneck head: small weights, so the posterior starts near mean 0, logvar 0.
@@ -120,15 +117,22 @@ class ViTok(nn.Module):
 
     # -- parameter groups (stage 2 freezes the encoder and tunes the decoder) --------------
 
+    def encoder_modules(self) -> nn.ModuleDict:
+        """Tubelet embed, encoder ViT and the moments head, under one parent."""
+        parts = ("tubelet_embed", "encoder", "to_moments")
+        return nn.ModuleDict({name: getattr(self, name) for name in parts})
+
+    def decoder_modules(self) -> nn.ModuleDict:
+        """Latent projection, decoder ViT and the tubelet un-embed, under one parent (stage 2
+        tunes them; its EMA tracks exactly them, by these names)."""
+        parts = ("from_latent", "decoder", "tubelet_unembed")
+        return nn.ModuleDict({name: getattr(self, name) for name in parts})
+
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Tubelet embed, encoder ViT and the moments head."""
-        for module in (self.tubelet_embed, self.encoder, self.to_moments):
-            yield from module.parameters()
+        return self.encoder_modules().parameters()
 
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Latent projection, decoder ViT and the tubelet un-embed."""
-        for module in (self.from_latent, self.decoder, self.tubelet_unembed):
-            yield from module.parameters()
+        return self.decoder_modules().parameters()
 
     # -- encode / decode --------------------------------------------------------------------
 

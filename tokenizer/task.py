@@ -82,7 +82,7 @@ class TokenizerTask:
             return tokenizer
         _, height, width = self.model.input_size
         module = Stage2Module(tokenizer, build_discriminator(self.loss, min(height, width)))
-        self._ema = EMA(_DecoderView(tokenizer), decay=self.loss.ema_decay)
+        self._ema = EMA(tokenizer.decoder_modules(), decay=self.loss.ema_decay)
         return module
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -134,7 +134,7 @@ class TokenizerTask:
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         if self._ema is not None:
-            self._ema.update(_DecoderView(_tokenizer_of(model)))
+            self._ema.update(_tokenizer_of(model).decoder_modules())
 
     # -- state and evaluation --------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -150,7 +150,7 @@ class TokenizerTask:
         if self._ema is None or self._ema.num_updates == 0:
             return tokenizer
         averaged = copy.deepcopy(tokenizer)
-        self._ema.copy_to(_DecoderView(averaged))
+        self._ema.copy_to(averaged.decoder_modules())
         return averaged
 
     @property
@@ -189,13 +189,3 @@ def reconstruct(model: nn.Module, x: Tensor) -> Tensor:
 
 def _tokenizer_of(model: nn.Module) -> ViTok:
     return model.tokenizer if isinstance(model, Stage2Module) else model  # type: ignore[return-value]
-
-
-class _DecoderView(nn.Module):
-    """The decoder's modules under one parent, so an EMA tracks exactly them."""
-
-    def __init__(self, tokenizer: ViTok) -> None:
-        super().__init__()
-        self.from_latent = tokenizer.from_latent
-        self.decoder = tokenizer.decoder
-        self.tubelet_unembed = tokenizer.tubelet_unembed
