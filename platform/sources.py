@@ -84,7 +84,8 @@ def _folder_listing(base: str, kind: str) -> list[tuple[str, int, int]]:
         paths = sorted(
             p for p in root.rglob("*") if p.is_file() and keep(p) and ".part." not in p.name
         )
-        return [(str(p.relative_to(root)), *_size_mtime(p)) for p in paths]
+        stats = ((p, p.stat()) for p in paths)
+        return [(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in stats]
     import pyarrow.fs
 
     fs, path = filesystem(base)
