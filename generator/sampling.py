@@ -28,7 +28,8 @@ class LatentDecoder(Protocol):
 
 
 class LatentNormaliser(Protocol):
-    """What sampling needs of the latent statistics (``vitok.platform.latents.LatentStats``)."""
+    """What sampling needs of the latent statistics
+    (``vitok.platform.data.latents.LatentStats``)."""
 
     def denormalise(self, z: Tensor) -> Tensor: ...
 

@@ -19,7 +19,7 @@ from typing import Protocol
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.presets import PRESETS, preset
 from vitok.platform.config import apply_overrides, from_yaml
-from vitok.platform.tracking import resolve_uri
+from vitok.platform.tracking.runs import resolve_uri
 
 
 def add_overrides_argument(

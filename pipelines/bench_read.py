@@ -69,7 +69,7 @@ def write_corpus(folder: Path, n: int, shape: tuple[int, ...]) -> tuple[list[str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vitok.platform.shard_layout import encode_clips, parquet_write_options
+    from vitok.platform.data.shard_layout import encode_clips, parquet_write_options
 
     videos = ucf_videos(n)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def plain_loop(files: list[str], shape: tuple[int, ...]) -> tuple[int, float]:
     import torch
 
     from vitok.platform import storage
-    from vitok.platform.shard_layout import decode_clips
+    from vitok.platform.data.shard_layout import decode_clips
 
     n, started = 0, time.perf_counter()
     for uri in files:
@@ -124,13 +124,13 @@ def _rchar() -> int:
 def _warm(_: int = 0) -> int:
     import torch  # noqa: F401
 
-    import vitok.platform.shard_reader  # noqa: F401
+    import vitok.platform.data.shard_reader  # noqa: F401
 
     return os.getpid()
 
 
 def _config(opts: dict[str, Any]) -> Any:
-    from vitok.platform.train import TrainConfig
+    from vitok.platform.training.train import TrainConfig
 
     return TrainConfig(
         batch_size=opts["batch_size"],
@@ -147,8 +147,8 @@ def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[
     import pyarrow as pa
     import torch
 
-    from vitok.platform.clips import to_model_input
-    from vitok.platform.train_data import WorkerData
+    from vitok.platform.data.clips import to_model_input
+    from vitok.platform.training.train_data import WorkerData
 
     torch.set_num_threads(1)
     _, h, w, _ = split.clip_shape
@@ -182,8 +182,8 @@ def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[
 def shuffle_ratio(split: Any, videos: np.ndarray, world: int, opts: dict[str, Any]) -> float:
     """Same-video pair share of the plan's global batches over a uniform permutation's
     (three epochs; the plan alone, no reads)."""
-    from vitok.platform.read_plan import same_group_pair_share, uniform_pair_share
-    from vitok.platform.train_data import WorkerData
+    from vitok.platform.data.read_plan import same_group_pair_share, uniform_pair_share
+    from vitok.platform.training.train_data import WorkerData
 
     bs = opts["batch_size"]
     workers = [WorkerData({"train": split}, _config(opts), r, world) for r in range(world)]
@@ -328,7 +328,7 @@ def upload(files: list[str], bucket: str, prefix: str) -> list[str]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import multiprocessing
 
-    from vitok.platform.shard_splits import ShardSplit
+    from vitok.platform.data.shard_splits import ShardSplit
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vitok-bench-read-"))
     shapes = [tuple(int(v) for v in s.split("x")) + (3,) for s in args.sizes.split(",")]

@@ -6,7 +6,7 @@
     python pipelines/benchmark.py prepare-resume  # a killed preprocess, rerun
     python pipelines/benchmark.py corpus /tmp/ucf-200 --files 200   # a UCF-shaped corpus
     python pipelines/benchmark.py ingest          # the training read path (bench_read.py)
-    python pipelines/benchmark.py faults          # the fault table (vitok.platform.faults)
+    python pipelines/benchmark.py faults          # the fault table (vitok.platform.study.faults)
     python pipelines/benchmark.py faults --only claim,shard
     python pipelines/benchmark.py all             # every benchmark with its defaults
 
@@ -141,7 +141,7 @@ def _bench_model(args: argparse.Namespace, variant: str, size: tuple[int, int, i
 
 
 def _bench_train_config(args: argparse.Namespace, workers: int):
-    from vitok.platform.train import TrainConfig
+    from vitok.platform.training.train import TrainConfig
 
     return TrainConfig(
         steps=args.steps,
@@ -161,9 +161,9 @@ def _platform_rate(args, variant: str, size: tuple[int, int, int], workers: int,
     """steps/s of the last logging window (steady state, warm-up excluded) and the metrics."""
     import numpy as np
 
-    from vitok.platform.clips import ClipBatch
-    from vitok.platform.train import TrainJob, run_training
-    from vitok.platform.train_data import split_from_arrays
+    from vitok.platform.data.clips import ClipBatch
+    from vitok.platform.training.train import TrainJob, run_training
+    from vitok.platform.training.train_data import split_from_arrays
 
     model, task = _bench_model(args, variant, size)
     rows = args.batch_size * workers * (args.steps + 2)
@@ -185,8 +185,8 @@ def _bare_seconds_per_step(args, variant: str, size: tuple[int, int, int], worke
     many threads as the platform's worker gets; timed over the same last half of the steps."""
     import torch
 
-    from vitok.platform.data import to_model_input
-    from vitok.platform.train import lr_multiplier
+    from vitok.platform.data.prepare import to_model_input
+    from vitok.platform.training.train import lr_multiplier
 
     cfg = _bench_train_config(args, workers)
     threads = torch.get_num_threads()
@@ -244,7 +244,7 @@ def _faults_arguments(p: argparse.ArgumentParser) -> None:
     "faults", "inject each fault for real; what survived and what it cost", _faults_arguments
 )
 def bench_faults(args: argparse.Namespace) -> None:
-    from vitok.platform.faults import FAULTS, print_table, run_faults
+    from vitok.platform.study.faults import FAULTS, print_table, run_faults
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vitok-faults-"))
     rows = run_faults(args.only.split(",") if args.only else list(FAULTS), work)

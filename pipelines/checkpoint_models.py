@@ -12,8 +12,8 @@ import torch
 from vitok.generator.config import GeneratorConfig
 from vitok.generator.dit import DiT
 from vitok.generator.task import load_generator
-from vitok.platform.data import to_model_input
-from vitok.platform.train import load_model_state, load_task_state
+from vitok.platform.data.prepare import to_model_input
+from vitok.platform.training.train import load_model_state, load_task_state
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 from vitok.tokenizer.task import load_tokenizer

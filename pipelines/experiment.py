@@ -18,11 +18,11 @@ from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.search import SearchConfig
 from vitok.platform import storage
 from vitok.platform.config import from_dict, to_yaml
-from vitok.platform.data import DataConfig
-from vitok.platform.metrics import MetricsConfig
+from vitok.platform.data.prepare import DataConfig
+from vitok.platform.metrics.evaluate import MetricsConfig
 from vitok.platform.storage import StorageConfig
-from vitok.platform.tracking import TrackingConfig
-from vitok.platform.train import TrainConfig
+from vitok.platform.tracking.runs import TrackingConfig
+from vitok.platform.training.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.losses import LossConfig
 

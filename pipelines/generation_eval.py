@@ -5,7 +5,7 @@ against the real clips.
 - Sample ``i`` has label ``i % classes`` and its own seeded starting noise
   (``vitok.generator.sampling``), so the sampled set is the same whatever the batch size or
   the number of workers.
-- A Ray Data actor pool (``vitok.platform.feature_pool``; one GPU per actor when the
+- A Ray Data actor pool (``vitok.platform.metrics.feature_pool``; one GPU per actor when the
   generator trained on GPUs) loads the DiT (EMA weights), the tokenizer and the feature
   networks once per actor, samples a batch (DDIM + classifier-free guidance), decodes it and
   returns only per-sample features: the token-mean-pooled posterior mean of the re-encoded
@@ -34,9 +34,11 @@ from vitok.generator.config import GeneratorConfig
 from vitok.generator.diffusion import build_objective
 from vitok.generator.sampling import generate, sample_labels, sample_noise
 from vitok.pipelines.checkpoint_models import generator_from_checkpoint, tokenizer_from_checkpoint
-from vitok.platform.artifacts import log_samples
-from vitok.platform.data import DataConfig, PreparedData, clip_dataset, to_model_input
-from vitok.platform.feature_pool import (
+from vitok.platform.data.latents import LatentSet, LatentStats, pool_tokens
+from vitok.platform.data.prepare import DataConfig, PreparedData, clip_dataset, to_model_input
+from vitok.platform.metrics.artifacts import log_samples
+from vitok.platform.metrics.evaluate import FeatureMoments, MetricsConfig, to_uint8, to_unit_float
+from vitok.platform.metrics.feature_pool import (
     FeatureNetworks,
     Workers,
     accumulate_moments,
@@ -46,10 +48,8 @@ from vitok.platform.feature_pool import (
     map_actors,
     resolve_networks,
 )
-from vitok.platform.latents import LatentSet, LatentStats, pool_tokens
-from vitok.platform.metrics import FeatureMoments, MetricsConfig, to_uint8, to_unit_float
-from vitok.platform.tracking import RunLogger
-from vitok.platform.train import TrainConfig
+from vitok.platform.tracking.runs import RunLogger
+from vitok.platform.training.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
 
 PREVIEW_PER_CLASS = 4  # generated samples per class in the logged grid / mp4
@@ -57,7 +57,7 @@ PREVIEW_PER_CLASS = 4  # generated samples per class in the logged grid / mp4
 
 def latent_features(latents: torch.Tensor) -> torch.Tensor:
     """(N, t, h, w, c) -> (N, c): the mean over the latent tokens (the Frechet feature; the
-    real side's is ``vitok.platform.latents.pool_tokens`` of the stored latents)."""
+    real side's is ``vitok.platform.data.latents.pool_tokens`` of the stored latents)."""
     return torch.from_numpy(pool_tokens(latents.detach().cpu().numpy()))
 
 

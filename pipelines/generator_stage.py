@@ -2,7 +2,7 @@
 
 1. Latent extraction (Ray Data, actor pool): the frozen tokenizer encodes the centre-cropped
    train and val clips (posterior mean) into Parquet; per-channel statistics of the training
-   latents normalise the generator's inputs (``vitok.platform.latents``).
+   latents normalise the generator's inputs (``vitok.platform.data.latents``).
 2. The DiT trains through the platform's Ray Train + DeepSpeed loop (``GeneratorTask``),
    with the validation diffusion loss as its evaluation.
 3. Generation eval (``vitok.pipelines.generation_eval``): ``metrics.gen_samples`` samples
@@ -29,11 +29,11 @@ from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.generation_eval import GenerationSections, evaluate_generation
 from vitok.platform import storage
 from vitok.platform.config import to_dict
-from vitok.platform.data import PreparedData, clip_datasets
-from vitok.platform.latents import LatentBatch, LatentSet, extract_latents, keyed_dir
-from vitok.platform.metrics import MakeMeanEvaluator
-from vitok.platform.tracking import RunLogger, owned_run
-from vitok.platform.train import TrainConfig, TrainJob, TrainResult, run_recorded_training
+from vitok.platform.data.latents import LatentBatch, LatentSet, extract_latents, keyed_dir
+from vitok.platform.data.prepare import PreparedData, clip_datasets
+from vitok.platform.metrics.evaluate import MakeMeanEvaluator
+from vitok.platform.tracking.runs import RunLogger, owned_run
+from vitok.platform.training.train import TrainConfig, TrainJob, TrainResult, run_recorded_training
 from vitok.tokenizer.config import TokenizerConfig
 
 

@@ -39,7 +39,7 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 f"expected uint8 clips (B, T, H, W, 3), got {clips.dtype} {clips.shape}"
             )
-        from vitok.platform.pixel_metrics import to_uint8, to_unit_float
+        from vitok.platform.metrics.pixel_metrics import to_uint8, to_unit_float
 
         x = to_unit_float(torch.from_numpy(np.ascontiguousarray(clips)))
         with torch.no_grad():

@@ -10,7 +10,7 @@ import numpy as np
 from vitok.pipelines import mlflow_model
 from vitok.pipelines.checkpoint_models import tokenizer_from_checkpoint
 from vitok.platform.config import to_yaml
-from vitok.platform.tracking import log_pyfunc_model, register_model
+from vitok.platform.tracking.runs import log_pyfunc_model, register_model
 from vitok.tokenizer.config import TokenizerConfig
 
 PIP_REQUIREMENTS = ("torch", "einops", "pyyaml", "vitok")

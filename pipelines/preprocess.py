@@ -33,7 +33,7 @@ import sys
 from vitok.pipelines.cli import ExperimentConfig, config_from_args, config_parser, show_config
 from vitok.platform import storage
 from vitok.platform.config import flatten
-from vitok.platform.data import (
+from vitok.platform.data.prepare import (
     DataConfig,
     PreparedData,
     RejectedSourceError,
@@ -88,7 +88,7 @@ def log_to_mlflow(prepared: PreparedData, uri: str, experiment: str) -> str:
     """Log counts, config and rejects table to a new run; returns the run id."""
     import mlflow
 
-    from vitok.platform.tracking import resolve_uri
+    from vitok.platform.tracking.runs import resolve_uri
 
     mlflow.set_tracking_uri(resolve_uri(uri))  # absolute: Ray workers run elsewhere
     mlflow.set_experiment(experiment)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from vitok.generator.config import GeneratorConfig
 from vitok.pipelines.experiment import ExperimentConfig
 from vitok.pipelines.search import SearchConfig
-from vitok.platform.data import DataConfig
-from vitok.platform.metrics import MetricsConfig
-from vitok.platform.train import TrainConfig
+from vitok.platform.data.prepare import DataConfig
+from vitok.platform.metrics.evaluate import MetricsConfig
+from vitok.platform.training.train import TrainConfig
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.losses import LossConfig
 

@@ -47,11 +47,11 @@ from vitok.pipelines.study_report import (
 from vitok.pipelines.study_trial import run_trial
 from vitok.pipelines.study_tune import collect, errors_of, tune_run
 from vitok.platform import storage
-from vitok.platform.data import PreparedData
-from vitok.platform.study import (
+from vitok.platform.data.prepare import PreparedData
+from vitok.platform.study.store import (
     StudyStore,
 )
-from vitok.platform.tracking import RunLogger, owned_run, resolve_uri
+from vitok.platform.tracking.runs import RunLogger, owned_run, resolve_uri
 
 # ----------------------------------------------------------------------------- the study
 
@@ -106,7 +106,7 @@ def run_study(
             store.release()
     finally:
         if requested:
-            from vitok.platform.cluster import release_request
+            from vitok.platform.study.cluster import release_request
 
             release_request()
 
@@ -116,7 +116,7 @@ def _run_claimed_study(
 ) -> StudyResult:
     """The study's data, then everything else inside its parent run (``owned_run``: it ends
     FINISHED, or FAILED with the error in a tag whatever fails, or when no trial finished)."""
-    from vitok.platform.data import prepare
+    from vitok.platform.data.prepare import prepare
 
     if resume:
         check_resumable(store, cfg, force=force)

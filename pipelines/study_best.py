@@ -19,8 +19,8 @@ from vitok.pipelines.search import parse_objective
 from vitok.pipelines.study_trial import objective_key
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides
-from vitok.platform.pareto import pareto_front
-from vitok.platform.study import StudyStore
+from vitok.platform.study.pareto import pareto_front
+from vitok.platform.study.store import StudyStore
 
 FRONT_TAG = "vitok.pareto_front"
 FRONT_RULE = "pareto front"
@@ -113,7 +113,7 @@ def register_front(
 def tag_front_runs(uri: str | None, rows: list[dict[str, Any]], flags: list[bool]) -> None:
     """``vitok.pareto_front`` = ``true``/``false`` on each trial's tokenizer and generator
     runs (finished runs: tagged through the client, a failure is a warning)."""
-    from vitok.platform.tracking_client import mlflow_client, resolve_uri
+    from vitok.platform.tracking.tracking_client import mlflow_client, resolve_uri
 
     client = mlflow_client(resolve_uri(uri))
     for row, on_front in zip(rows, flags):
@@ -127,7 +127,7 @@ def tag_front_runs(uri: str | None, rows: list[dict[str, Any]], flags: list[bool
 
 def _retag_versions(uri: str | None, registered: dict[str, str], front: set[str]) -> None:
     """A version registered as a front trial whose trial a later sample beat: ``false``."""
-    from vitok.platform.tracking_client import mlflow_client, resolve_uri
+    from vitok.platform.tracking.tracking_client import mlflow_client, resolve_uri
 
     client = mlflow_client(resolve_uri(uri))
     for trial, model in registered.items():

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vitok.pipelines.study_best import FRONT_TAG
-from vitok.platform.pareto import objective_values, pareto_figure, pareto_front
-from vitok.platform.report import markdown_table
-from vitok.platform.run_logger import RunLogger
+from vitok.platform.study.pareto import objective_values, pareto_figure, pareto_front
+from vitok.platform.study.report import markdown_table
+from vitok.platform.tracking.run_logger import RunLogger
 
 FRONT_FILE = "pareto_front.png"
 # Shown beside the objectives in the front's table: what a trial is.

@@ -36,7 +36,7 @@ def mlflow_links(uri: str, run_id: str, best: dict[str, Any] | None = None) -> l
     """How to open the study in MLflow's UI: the server command (a local store) and direct
     links, in the Model training view, to the runs table, the parent run and (a
     multi-objective study) the runs table filtered to the Pareto front."""
-    from vitok.platform.tracking_client import mlflow_client
+    from vitok.platform.tracking.tracking_client import mlflow_client
 
     try:
         experiment = mlflow_client(uri).get_run(run_id).info.experiment_id

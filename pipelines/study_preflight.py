@@ -14,9 +14,9 @@ from vitok.pipelines.cli import (
 from vitok.pipelines.search import parse_objective
 from vitok.pipelines.study_trial import objective_key
 from vitok.platform import storage
-from vitok.platform.data import ensure_ray
-from vitok.platform.metrics import I3D_ENV, INCEPTION_ENV
-from vitok.platform.study import (
+from vitok.platform.data.prepare import ensure_ray
+from vitok.platform.metrics.evaluate import I3D_ENV, INCEPTION_ENV
+from vitok.platform.study.store import (
     StudyStore,
 )
 
@@ -129,8 +129,8 @@ def _is_number(value: object) -> bool:
 def resource_problems(cfg: ExperimentConfig) -> tuple[list[str], list[dict[str, float]]]:
     """What no node (type) of this cluster can ever hold, naming the setting to change; and
     the largest GPU stage's worker bundles, to ask an autoscaler for."""
-    from vitok.platform import cluster
     from vitok.platform.config import parse_resources
+    from vitok.platform.study import cluster
 
     types = cluster.autoscaler_node_types()
     live = cluster.live_node_resources()
@@ -176,8 +176,8 @@ def preflight(cfg: ExperimentConfig, wait_s: float = 1800.0) -> bool:
     paper preset on a laptop): weight files, data, resources; all before any compute. On an
     autoscaling cluster, ask for the largest GPU stage's workers and wait (timed lines).
     Returns whether an autoscaler request stands (released when the study ends)."""
-    from vitok.platform import cluster
-    from vitok.platform.sources import parse_source
+    from vitok.platform.data.sources import parse_source
+    from vitok.platform.study import cluster
 
     problems = missing_weight_files(cfg) + objective_problems(cfg)
     for src in cfg.data.sources:

@@ -22,17 +22,17 @@ from vitok.pipelines.study_mlflow import description, mlflow_links
 from vitok.pipelines.study_transfer import transfer_console, transfer_sections
 from vitok.pipelines.study_trial import time_shares
 from vitok.platform import storage
-from vitok.platform.report import (
+from vitok.platform.study.report import (
     Fit,
     console_table,
     markdown_table,
     scaling_figure,
     write_csv,
 )
-from vitok.platform.study import (
+from vitok.platform.study.store import (
     StudyStore,
 )
-from vitok.platform.tracking import RunLogger, resolve_uri
+from vitok.platform.tracking.runs import RunLogger, resolve_uri
 from vitok.tokenizer.config import TokenizerConfig
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from vitok.platform.report import Fit, fit_line, grouped_figure, markdown_table
-from vitok.platform.run_logger import RunLogger
+from vitok.platform.study.report import Fit, fit_line, grouped_figure, markdown_table
+from vitok.platform.tracking.run_logger import RunLogger
 
 METRIC = "val/psnr"
 SIZE = "input"  # "8x32x32": the clip size a trial's tokenizer takes (model_stats)

@@ -14,8 +14,8 @@ from vitok.pipelines.cli import (
 from vitok.pipelines.search import parse_objective, trial_name
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides
-from vitok.platform.leases import TrialLease
-from vitok.platform.study import (
+from vitok.platform.study.leases import TrialLease
+from vitok.platform.study.store import (
     REUSED,
     StudyStore,
     report_to_tune_callback,
@@ -86,7 +86,7 @@ def _run_held_trial(
 
     from vitok.pipelines.model_stats import tokenizer_params
     from vitok.pipelines.tokenizer_stage import TokenizerRun, run_tokenizer
-    from vitok.platform.data import prepare
+    from vitok.platform.data.prepare import prepare
 
     overrides = trial_overrides(config)
     # Concurrent trials' Ray Data progress bars would interleave on the study's console.

@@ -11,7 +11,7 @@ from vitok.pipelines.study_report import trial_line
 from vitok.pipelines.study_trial import objective_key, scalars, trial_overrides
 from vitok.platform import storage
 from vitok.platform.config import apply_overrides, to_yaml
-from vitok.platform.study import FINISHED, StudyStore, seeded_optuna_storage, study_progress
+from vitok.platform.study.store import FINISHED, StudyStore, seeded_optuna_storage, study_progress
 
 
 def tune_run(

@@ -17,13 +17,13 @@ from vitok.pipelines.checkpoint_models import tokenizer_from_checkpoint
 from vitok.pipelines.experiment import ExperimentConfig, dump_config
 from vitok.pipelines.model_stats import tokenizer_params
 from vitok.platform import storage
-from vitok.platform.artifacts import log_reconstructions
-from vitok.platform.clips import ClipBatch, clip_splits
 from vitok.platform.config import to_dict
-from vitok.platform.data import PreparedData
-from vitok.platform.metrics import MakeReconstructionEvaluator
-from vitok.platform.tracking import RunLogger, owned_run
-from vitok.platform.train import (
+from vitok.platform.data.clips import ClipBatch, clip_splits
+from vitok.platform.data.prepare import PreparedData
+from vitok.platform.metrics.artifacts import log_reconstructions
+from vitok.platform.metrics.evaluate import MakeReconstructionEvaluator
+from vitok.platform.tracking.runs import RunLogger, owned_run
+from vitok.platform.training.train import (
     CheckpointWeights,
     TrainConfig,
     TrainJob,

@@ -31,8 +31,8 @@ from vitok.pipelines.cli import (
 )
 from vitok.pipelines.generator_stage import run_generator
 from vitok.platform.config import apply_overrides, from_yaml
-from vitok.platform.data import ensure_ray, prepare
-from vitok.platform.tracking import resolve_uri
+from vitok.platform.data.prepare import ensure_ray, prepare
+from vitok.platform.tracking.runs import resolve_uri
 
 
 def tokenizer_from_run(uri: str, run_id: str) -> tuple[str, ExperimentConfig | None]:

@@ -15,7 +15,7 @@ import time
 
 from vitok.pipelines.cli import config_from_args, config_parser, print_run_summary, show_config
 from vitok.pipelines.tokenizer_stage import run_tokenizer
-from vitok.platform.data import ensure_ray, prepare
+from vitok.platform.data.prepare import ensure_ray, prepare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,7 @@ def reduce_worker(rank: int, world: int, init_file: str, features: Tensor, out_d
     a ``MeanEvaluator`` that only rank 0 feeds (every feature, in batches of 7)."""
     import torch.distributed as dist
 
-    from vitok.platform.metrics import MeanEvaluator, MetricState
+    from vitok.platform.metrics.evaluate import MeanEvaluator, MetricState
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

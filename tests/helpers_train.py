@@ -1,6 +1,6 @@
 """The worker loop's optimisation without Ray or DeepSpeed, for seeded CPU tests.
 
-It mirrors ``vitok.platform.train.train_loop_per_worker`` for one worker in fp32 at ZeRO 0
+It mirrors ``vitok.platform.training.train.train_loop_per_worker`` for one worker in fp32 at ZeRO 0
 with no gradient accumulation: the same per-step seeds, the same task calls, the same
 optimizer parts, AdamW and LR schedules (``optimizer_parts`` / ``make_optimizer``), every
 backward before any update, and gradient clipping by the formula DeepSpeed uses
@@ -18,12 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from vitok.platform.train import (
-    TrainConfig,
-    _step_seed,
+from vitok.platform.training.config import TrainConfig
+from vitok.platform.training.engines import (
     make_optimizer,
     named_losses,
     optimizer_parts,
+    step_seed,
 )
 
 BatchFn = Callable[[dict[str, torch.Tensor], bool, torch.Generator], dict[str, torch.Tensor]]
@@ -50,8 +50,8 @@ def train_locally(
     for step, raw in enumerate(batches):
         if step >= cfg.steps:
             break
-        torch.manual_seed(_step_seed(cfg.seed, 0, step))
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, 0, step))
+        torch.manual_seed(step_seed(cfg.seed, 0, step))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, 0, step))
         batch = batch_fn(raw, True, gen) if batch_fn is not None else raw
         loss, logs = task.training_step(model, batch, step)
         losses = named_losses(loss, parts)

@@ -222,7 +222,7 @@ def test_shipped_copy_wins_over_installed(tmp_path: Path):
     code = (
         "from vitok.platform.runtime import use_shipped_code\n"
         "print('ROOT', use_shipped_code())\n"
-        "import vitok.platform.sources as s\n"
+        "import vitok.platform.data.sources as s\n"
         "print('FILE', s.__file__, getattr(s, 'SHIPPED_EDIT', False))\n"
     )
     shipped = run_python(code, tmp_path, pythonpath=copy)
@@ -259,13 +259,16 @@ def test_entry_point_script_runs_the_shipped_copy(tmp_path: Path):
 def test_shipped_code_refuses_after_stale_import(tmp_path: Path):
     copy = copy_repo(tmp_path / "repo")
     code = (
-        "import vitok.platform.sources\n"
+        "import vitok.platform.data.sources\n"
         "from vitok.platform.runtime import use_shipped_code\n"
         "use_shipped_code()\n"
     )
     out = run_python(code, tmp_path, pythonpath=copy)
     assert out.returncode != 0
-    assert "vitok.platform.sources" in out.stderr and "before any other vitok import" in out.stderr
+    assert (
+        "vitok.platform.data.sources" in out.stderr
+        and "before any other vitok import" in out.stderr
+    )
 
 
 def test_code_fingerprint_sees_edits(tmp_path: Path):

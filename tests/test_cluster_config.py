@@ -1,4 +1,5 @@
-"""platform/cluster.py (what an autoscaling cluster can ever provide) and cluster.yaml's shell.
+"""platform/study/cluster.py (what an autoscaling cluster can ever provide) and cluster.yaml's
+shell.
 
 Fast: no Ray is started. The autoscaler is faked by monkeypatching
 ``ray.autoscaler.sdk.request_resources`` and ``ray.cluster_resources``; the node types come
@@ -28,7 +29,7 @@ import pytest
 import ray
 import yaml
 
-from vitok.platform import cluster
+from vitok.platform.study import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -278,7 +279,7 @@ def test_request_and_wait_prints_and_flushes(monkeypatch, capsys):
 def test_cluster_module_imports_no_model_code():
     code = (
         "import sys\n"
-        "import vitok.platform.cluster\n"
+        "import vitok.platform.study.cluster\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'mlflow')\n"
         "       or m.startswith(('vitok.tokenizer', 'vitok.generator', 'vitok.pipelines'))]\n"
         "print(bad)\n"

@@ -10,10 +10,10 @@ import torch
 from helpers_data import make_broken_folder, read_indices, write_index_video, write_png
 
 from vitok.platform.config import apply_overrides
-from vitok.platform.data import DataConfig, to_model_input
-from vitok.platform.media import ClipSpec, Rejected, clip_frame_indices, decode_file
-from vitok.platform.sources import assign_splits, list_sources
-from vitok.platform.synthetic import CLASSES, render_clip
+from vitok.platform.data.media import ClipSpec, Rejected, clip_frame_indices, decode_file
+from vitok.platform.data.prepare import DataConfig, to_model_input
+from vitok.platform.data.sources import assign_splits, list_sources
+from vitok.platform.data.synthetic import CLASSES, render_clip
 
 SPEC = ClipSpec(
     frames=8, fps=8.0, size=(32, 32), clips_per_video=4, clip_stride_s=None, max_upscale=2.0
@@ -128,7 +128,7 @@ def test_images_decode_as_single_frames(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- split
 def test_split_is_deterministic_by_file_and_groups_ucf_clips() -> None:
-    from vitok.platform.sources import SourceFile, _split_key
+    from vitok.platform.data.sources import SourceFile, _split_key
 
     names = [f"v_Run_g{g:02d}_c{c:02d}.avi" for g in range(1, 11) for c in range(1, 4)]
     files = [SourceFile(f"/d/Run/{n}", "Run", 0, _split_key(f"Run/{n}")) for n in names]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers_data import make_broken_folder, write_index_video, write_png
 
-from vitok.platform.data import (
+from vitok.platform.data.prepare import (
     DataConfig,
     PreparedData,
     clip_dataset,
@@ -81,7 +81,7 @@ def test_first_clips_read_straight_from_shards_equal_ray_datas(mixed) -> None:
 
 
 def test_clip_datasets_are_kept_per_process_and_read_anew_each_time(mixed, tmp_path) -> None:
-    from vitok.platform.clips import clip_datasets
+    from vitok.platform.data.clips import clip_datasets
 
     cfg, p = mixed
     first, again = clip_datasets(p), clip_datasets(p)
@@ -99,8 +99,8 @@ def test_shards_hold_one_clip_per_row_group_raw_or_as_jpeg_frames(mixed, tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vitok.platform.clips import clip_splits
-    from vitok.platform.shard_reader import SplitReader
+    from vitok.platform.data.clips import clip_splits
+    from vitok.platform.data.shard_reader import SplitReader
 
     cfg, raw = mixed
     meta = pq.ParquetFile(raw.files("train")[0]).metadata
@@ -284,7 +284,7 @@ def test_hung_crashed_and_killed_decodes_are_rejected(ray_local, tmp_path, monke
     """A decoder hung inside native code is cut off by the timeout, a decoder that
     segfaults and a decode task whose worker is SIGKILLed (as by the OOM killer) cost their
     file only: prepare finishes with every good file's clips."""
-    from vitok.platform.data import FAULTS_ENV
+    from vitok.platform.data.prepare import FAULTS_ENV
 
     folder = tmp_path / "videos"
     good = [write_index_video(folder / "a" / f"good_{i}.mp4", 30) for i in range(4)]
@@ -314,7 +314,7 @@ def test_hung_crashed_and_killed_decodes_are_rejected(ray_local, tmp_path, monke
 
 
 def test_a_mostly_rejected_source_stops_prepare(ray_local, tmp_path: Path) -> None:
-    from vitok.platform.data import RejectedSourceError
+    from vitok.platform.data.prepare import RejectedSourceError
 
     folder = tmp_path / "videos"
     write_index_video(folder / "a" / "good.mp4", 30)

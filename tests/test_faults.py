@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vitok.platform.faults import FAULTS, Row, format_row, metric_gaps, run_faults
+from vitok.platform.study.faults import FAULTS, Row, format_row, metric_gaps, run_faults
 
 
 class _History:

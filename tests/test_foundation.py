@@ -57,6 +57,82 @@ def test_platform_imports_no_model_package():
     assert bad == []
 
 
+# platform/'s subpackages, and the ones each may import (besides the root modules config,
+# storage and runtime, which import none of them): arrows point one way.
+PLATFORM_LAYERS = {
+    "data": set(),
+    "tracking": set(),
+    "metrics": {"data", "tracking"},
+    "training": {"data", "tracking"},
+    "study": {"data", "tracking", "metrics", "training"},
+}
+
+
+def _platform_graph() -> dict[str, set[str]]:
+    """vitok.platform module -> the vitok.platform modules it imports anywhere (top level,
+    inside functions, under TYPE_CHECKING)."""
+    modules = {}
+    for path in (REPO / "platform").rglob("*.py"):
+        parts = path.relative_to(REPO / "platform").with_suffix("").parts
+        name = ".".join(("vitok.platform",) + (parts[:-1] if parts[-1] == "__init__" else parts))
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph
+
+
+def test_platform_modules_import_no_circle():
+    """No module of vitok.platform imports, at any depth, a module that imports it."""
+    graph = _platform_graph()
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return seen
+
+    circles = sorted(m for m in graph if m in reaches(m))
+    assert circles == []
+
+
+def test_platform_subpackages_import_one_way():
+    graph = _platform_graph()
+    group = lambda m: m.split(".")[2] if m.count(".") >= 3 else None  # noqa: E731
+    assert {group(m) for m in graph} - {None} == set(PLATFORM_LAYERS)
+    bad = []
+    for module, deps in graph.items():
+        mine = group(module)
+        for dep in deps:
+            other = group(dep)
+            if mine is None and other is not None:
+                bad.append(f"{module} (a root module) imports {dep}")
+            elif None not in (mine, other) and other != mine and other not in PLATFORM_LAYERS[mine]:
+                bad.append(f"{module} imports {dep}")
+    assert bad == []
+
+
+def test_platform_subpackages_say_what_they_own():
+    """Each subpackage opens with what it owns and what it may import; platform/ itself has no
+    __init__.py (it would shadow the stdlib module `platform` on a job's sys.path)."""
+    assert not (REPO / "platform" / "__init__.py").exists()
+    for name in PLATFORM_LAYERS:
+        doc = ast.get_docstring(ast.parse((REPO / "platform" / name / "__init__.py").read_text()))
+        assert doc and "Owns" in doc and "Imports:" in doc, name
+
+
 # The scripts a user runs, locally or as a Ray job (`python pipelines/X.py`). model_stats.py
 # (meta-device counts) and benchmark.py (local figures) run no job and may import directly.
 ENTRY_POINTS = (

@@ -23,10 +23,14 @@ from vitok.pipelines.generation_eval import (
     preview_ids,
 )
 from vitok.pipelines.study_report import generation_beside_paper
-from vitok.platform import inception
-from vitok.platform.feature_pool import generation_metrics, networks_configured, resolve_networks
-from vitok.platform.latents import LatentStats
-from vitok.platform.metrics import FeatureMoments, MetricsConfig, frechet_from_moments
+from vitok.platform.data.latents import LatentStats
+from vitok.platform.metrics import inception
+from vitok.platform.metrics.evaluate import FeatureMoments, MetricsConfig, frechet_from_moments
+from vitok.platform.metrics.feature_pool import (
+    generation_metrics,
+    networks_configured,
+    resolve_networks,
+)
 from vitok.tokenizer import TokenizerConfig, ViTok
 
 GEN = GeneratorConfig(size="N", num_classes=3, sampling_steps=4, diffusion_steps=50)
@@ -172,7 +176,7 @@ def test_generation_metrics_with_their_sample_counts():
 
 
 def test_pixel_features_pool_each_frame_to_4x4_and_compare_across_trials():
-    from vitok.platform.feature_pool import pixel_features
+    from vitok.platform.metrics.feature_pool import pixel_features
 
     clips = torch.zeros(2, 3, 16, 16, 3, dtype=torch.uint8)
     clips[0, :, :8, :8] = 255  # the top-left quarter white in every frame of clip 0

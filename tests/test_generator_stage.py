@@ -14,9 +14,9 @@ from vitok.generator import GeneratorConfig, build_objective
 from vitok.generator.sampling import generate
 from vitok.generator.task import DiffusionLoss, GeneratorTask, load_generator
 from vitok.pipelines.generation_eval import latent_features
-from vitok.platform.feature_pool import generation_metrics
-from vitok.platform.latents import ChannelMoments, LatentBatch, LatentEncoder, LatentStats
-from vitok.platform.metrics import FeatureMoments, MeanEvaluator
+from vitok.platform.data.latents import ChannelMoments, LatentBatch, LatentEncoder, LatentStats
+from vitok.platform.metrics.evaluate import FeatureMoments, MeanEvaluator
+from vitok.platform.metrics.feature_pool import generation_metrics
 from vitok.tokenizer.config import TokenizerConfig
 from vitok.tokenizer.model import ViTok
 
@@ -188,10 +188,10 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     from vitok.pipelines.generator_stage import run_generator
     from vitok.pipelines.presets import preset
     from vitok.pipelines.tokenizer_stage import run_tokenizer
-    from vitok.platform.data import prepare
+    from vitok.platform.data.prepare import prepare
     from vitok.platform.storage import StorageConfig
-    from vitok.platform.tracking import TrackingConfig
-    from vitok.platform.train import TrainConfig
+    from vitok.platform.tracking.runs import TrackingConfig
+    from vitok.platform.training.train import TrainConfig
 
     base = preset("smoke")
     cfg = dataclasses.replace(
@@ -236,8 +236,8 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     from vitok.generator.sampling import sample_noise
     from vitok.generator.task import load_generator
     from vitok.pipelines.checkpoint_models import tokenizer_from_checkpoint
-    from vitok.platform.metrics import frechet_from_moments
-    from vitok.platform.train import load_model_state
+    from vitok.platform.metrics.evaluate import frechet_from_moments
+    from vitok.platform.training.train import load_model_state
 
     extra = torch.load(f"{run.checkpoint_dir}/task_state.pt", weights_only=True)
     dit = load_generator(load_model_state(run.checkpoint_dir), cfg.generator, 4, extra)
@@ -261,8 +261,8 @@ def test_tokenizer_latents_generator_end_to_end(ray_local, tmp_path, mlflow_uri)
     assert run.metrics["gen/frechet_tokenizer_latent"] == pytest.approx(expected, rel=1e-4)
 
     # frechet_pixels: the same samples and the first val clips, frames pooled to 4x4 RGB.
-    from vitok.platform.data import clip_dataset, to_model_input
-    from vitok.platform.feature_pool import pixel_features
+    from vitok.platform.data.prepare import clip_dataset, to_model_input
+    from vitok.platform.metrics.feature_pool import pixel_features
 
     val = clip_dataset(prepared, "val").limit(cfg.metrics.gen_samples).take_all()
     real_clips = to_model_input(np.stack([r["clip"] for r in val]), crop=None, flip=False)

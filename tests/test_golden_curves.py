@@ -23,10 +23,10 @@ from helpers_train import train_locally
 
 from vitok.generator import GeneratorConfig
 from vitok.generator.task import DiffusionLoss, GeneratorTask
-from vitok.platform.clips import ClipBatch
-from vitok.platform.metrics import MeanEvaluator
-from vitok.platform.synthetic import render_clip
-from vitok.platform.train import TrainConfig
+from vitok.platform.data.clips import ClipBatch
+from vitok.platform.data.synthetic import render_clip
+from vitok.platform.metrics.evaluate import MeanEvaluator
+from vitok.platform.training.train import TrainConfig
 from vitok.tokenizer import LossConfig, TokenizerConfig, ViTok
 from vitok.tokenizer.task import TokenizerTask
 

@@ -9,8 +9,8 @@ import torch
 from helpers_metrics import add_noise, decode_frames, reduce_worker
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from vitok.platform import metrics
-from vitok.platform.metrics import (
+from vitok.platform.metrics import evaluate as metrics
+from vitok.platform.metrics.evaluate import (
     FeatureMoments,
     MetricsConfig,
     MetricState,

@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers_metrics import NoKwargsNet, randomize_inception_, save_i3d_standin
 
-from vitok.platform import fvd, inception, metrics
-from vitok.platform.metrics import FeatureMoments, MetricsConfig, ReconstructionMetrics
+from vitok.platform.metrics import evaluate as metrics
+from vitok.platform.metrics import fvd, inception
+from vitok.platform.metrics.evaluate import FeatureMoments, MetricsConfig, ReconstructionMetrics
 
 
 @pytest.fixture(scope="module")

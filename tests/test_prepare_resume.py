@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers_data import write_index_video
 
-from vitok.platform.data import DataConfig, prepare
+from vitok.platform.data.prepare import DataConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +219,7 @@ class _Tty(io.StringIO):
 
 
 def test_progress_in_a_log_prints_a_line_every_interval() -> None:
-    from vitok.platform.progress import PrepareProgress
+    from vitok.platform.data.progress import PrepareProgress
 
     clock, out = _Clock(), io.StringIO()
     meter = PrepareProgress(100, done_files=20, done_clips=40, stream=out, clock=clock)
@@ -241,7 +241,7 @@ def test_progress_in_a_log_prints_a_line_every_interval() -> None:
 
 
 def test_progress_on_a_terminal_redraws_one_line_and_is_quiet_when_disabled() -> None:
-    from vitok.platform.progress import PrepareProgress, format_seconds
+    from vitok.platform.data.progress import PrepareProgress, format_seconds
 
     clock, tty = _Clock(), _Tty()
     meter = PrepareProgress(10, stream=tty, clock=clock)

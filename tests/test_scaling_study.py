@@ -16,9 +16,9 @@ import pytest
 from vitok.pipelines.presets import preset
 from vitok.pipelines.search import SearchConfig, trial_name
 from vitok.platform.config import apply_overrides
-from vitok.platform.report import fit_line, scaling_figure
 from vitok.platform.storage import StorageConfig
-from vitok.platform.tracking import TrackingConfig
+from vitok.platform.study.report import fit_line, scaling_figure
+from vitok.platform.tracking.runs import TrackingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,7 @@ def test_smoke_study_optuna_multi_objective(ray_local, tmp_path, mlflow_uri, cap
     from mlflow.tracking import MlflowClient
 
     from vitok.pipelines.scaling_study import run_study
-    from vitok.platform.pareto import pareto_front
+    from vitok.platform.study.pareto import pareto_front
 
     cfg = _study_cfg(
         tmp_path, mlflow_uri, mode="optuna", num_samples=2, objectives=("psnr:max", "gflops:min")
@@ -288,7 +288,7 @@ def test_smoke_study_optuna_single_objective_resumes(ray_local, tmp_path, mlflow
 def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
     from vitok.pipelines.experiment import dump_config
     from vitok.pipelines.scaling_study import check_resumable
-    from vitok.platform.study import StudyStore
+    from vitok.platform.study.store import StudyStore
 
     cfg = _study_cfg(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
     store = StudyStore(str(tmp_path / "store" / "studies" / "smoke-study"))
@@ -303,7 +303,7 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
 
 
 def _events(study_dir: Path) -> list[dict]:
-    from vitok.platform.study import StudyStore
+    from vitok.platform.study.store import StudyStore
 
     return StudyStore(str(study_dir)).events() if study_dir.exists() else []
 
@@ -433,7 +433,7 @@ def test_autoscaling_cluster_is_asked_for_the_gpus(ray_local, tmp_path, monkeypa
     """With node types that have GPUs, the same preset passes the resource check and the
     autoscaler is asked for the largest GPU stage (8 workers of {GPU: 1, CPU: 8})."""
     from vitok.pipelines import scaling_study
-    from vitok.platform import cluster
+    from vitok.platform.study import cluster
 
     monkeypatch.setenv("VITOK_AUTOSCALING_CONFIG", str(REPO / "cluster.yaml"))
     asked = []

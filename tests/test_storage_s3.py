@@ -16,7 +16,7 @@ import pytest
 from helpers_cluster import REPO, S3Server, base_env
 
 from vitok.platform import storage
-from vitok.platform.study import StudyStore
+from vitok.platform.study.store import StudyStore
 
 BUCKET = "vitok"
 

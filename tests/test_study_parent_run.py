@@ -10,9 +10,9 @@ import pytest
 
 from vitok.pipelines.presets import preset
 from vitok.platform import storage
-from vitok.platform.data import PreparedData
+from vitok.platform.data.prepare import PreparedData
 from vitok.platform.storage import StorageConfig
-from vitok.platform.tracking import TrackingConfig
+from vitok.platform.tracking.runs import TrackingConfig
 
 
 def _cfg(tmp_path: Path, mlflow_uri: str):
@@ -60,7 +60,7 @@ def no_trials(monkeypatch):
     """A study with nothing to run: no Tune run, no trial, no data decoded."""
     from vitok.pipelines import scaling_study
 
-    monkeypatch.setattr("vitok.platform.data.prepare", _prepared)
+    monkeypatch.setattr("vitok.platform.data.prepare.prepare", _prepared)
     monkeypatch.setattr(scaling_study, "tune_run", lambda *a, **k: (None, None))
     return scaling_study
 
@@ -102,7 +102,7 @@ def test_a_study_where_no_trial_finished_ends_failed_and_says_why(
 def test_a_resumed_run_that_finishes_drops_the_earlier_error(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from vitok.platform.tracking import owned_run
+    from vitok.platform.tracking.runs import owned_run
 
     tracking = TrackingConfig(uri=mlflow_uri, experiment="owned", system_metrics=False)
     resume_file = tmp_path / "mlflow_run_id"

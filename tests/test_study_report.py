@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from vitok.pipelines.presets import preset
-from vitok.platform.pareto import pareto_front
-from vitok.platform.report import fit_line
 from vitok.platform.storage import StorageConfig
-from vitok.platform.study import REUSED, StudyStore, study_progress
-from vitok.platform.tracking import TrackingConfig
+from vitok.platform.study.pareto import pareto_front
+from vitok.platform.study.report import fit_line
+from vitok.platform.study.store import REUSED, StudyStore, study_progress
+from vitok.platform.tracking.runs import TrackingConfig
 
 # (trial, psnr, gflops): c1 is beaten by c2 on both; c4 ties c2's gflops with a higher
 # psnr, so c2 is beaten too; c16 is beaten by c8 (same psnr, more gflops); "nan" has no psnr.

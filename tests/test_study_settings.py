@@ -161,14 +161,14 @@ def test_a_study_whose_val_split_is_empty_stops_before_any_run(
     from mlflow.tracking import MlflowClient
 
     from vitok.pipelines import scaling_study
-    from vitok.platform.data import PreparedData
+    from vitok.platform.data.prepare import PreparedData
     from vitok.platform.storage import StorageConfig
-    from vitok.platform.tracking import TrackingConfig
+    from vitok.platform.tracking.runs import TrackingConfig
 
     def no_val(cfg, root, **kw):
         return PreparedData(root, {}, {}, "", 0, 8, 0, "fake", True)
 
-    monkeypatch.setattr("vitok.platform.data.prepare", no_val)
+    monkeypatch.setattr("vitok.platform.data.prepare.prepare", no_val)
     monkeypatch.setattr(scaling_study, "tune_run", pytest.fail)
     cfg = dataclasses.replace(
         preset("smoke-study"),
@@ -182,8 +182,8 @@ def test_a_study_whose_val_split_is_empty_stops_before_any_run(
 
 def test_register_best_says_when_no_trial_has_the_objective(tmp_path, mlflow_uri, capsys):
     from vitok.pipelines.study_best import register_best
-    from vitok.platform.study import StudyStore
-    from vitok.platform.tracking import TrackingConfig
+    from vitok.platform.study.store import StudyStore
+    from vitok.platform.tracking.runs import TrackingConfig
 
     cfg = dataclasses.replace(preset("smoke-study"), tracking=TrackingConfig(uri=mlflow_uri))
     store = StudyStore(str(tmp_path / "study"))

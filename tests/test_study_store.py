@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vitok.platform import storage
-from vitok.platform.study import LEASE_FILE, StudyStore
+from vitok.platform.study.store import LEASE_FILE, StudyStore
 
 
 def test_locate_fresh_and_resume(tmp_path: Path):
@@ -71,7 +71,7 @@ def test_two_drivers_starting_together_one_wins(tmp_path: Path):
     code = textwrap.dedent(
         f"""
         import time
-        from vitok.platform.study import StudyStore
+        from vitok.platform.study.store import StudyStore
         s = StudyStore({uri!r})
         s.acquire(settle_s=2.0)
         print("WON", flush=True)
@@ -105,7 +105,7 @@ def test_a_held_store_pickles_as_its_location(tmp_path: Path):
 def test_status_table_redraws_in_place_on_a_terminal_and_prints_only_lines_elsewhere():
     import io
 
-    from vitok.platform.study import StatusTable
+    from vitok.platform.study.store import StatusTable
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -140,7 +140,7 @@ def test_a_configuration_proposed_while_it_runs_waits_for_its_result(tmp_path: P
     import threading
     import time
 
-    from vitok.platform.leases import TrialLease
+    from vitok.platform.study.leases import TrialLease
 
     trial = str(tmp_path / "trials" / "c8")
     result: dict = {}
@@ -165,7 +165,7 @@ def test_a_dead_trials_lease_is_taken_over_and_a_retry_retakes_its_own(tmp_path:
     import json
     import socket
 
-    from vitok.platform.leases import TrialLease
+    from vitok.platform.study.leases import TrialLease
 
     trial = tmp_path / "trials" / "c8"
     trial.mkdir(parents=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers_train import one_process_group
 
-from vitok.platform.train import TrainConfig, build_engines, named_losses, optimizer_parts
+from vitok.platform.training.train import TrainConfig, build_engines, named_losses, optimizer_parts
 from vitok.tokenizer import LossConfig, TokenizerConfig, ViTok
 from vitok.tokenizer.task import Stage2Module, TokenizerTask, load_tokenizer, tokenizer_weights
 

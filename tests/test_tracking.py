@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vitok.platform import tracking_spool
-from vitok.platform.tracking import RunLogger, TrackingConfig, start_run
+from vitok.platform.tracking import spool_cli, tracking_spool
+from vitok.platform.tracking.runs import RunLogger, TrackingConfig, start_run
 
 
 def _dead_uri() -> str:
@@ -28,7 +28,7 @@ def _log_then_die(uri: str, run_id: str, scratch: Path, steps: int) -> None:
     code = textwrap.dedent(
         f"""
         import os, signal, time
-        from vitok.platform.tracking import RunLogger
+        from vitok.platform.tracking.runs import RunLogger
         logger = RunLogger({uri!r}, {run_id!r})
         for step in range({steps}):
             logger.log_metrics({{"loss": 1.0 / (step + 1)}}, step=step)
@@ -117,7 +117,7 @@ def test_logging_survives_a_stopped_tracking_server(tmp_path, monkeypatch, capsy
     retry window and started again on the same port and database: every step arrives
     exactly once with its original timestamp, and an artifact logged during the outage
     (its source file deleted at once) arrives too. A logger killed during the outage is
-    sent by ``tracking_spool replay`` afterwards."""
+    sent by ``python -m vitok.platform.tracking replay`` afterwards."""
     from helpers_cluster import MlflowServer
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -176,7 +176,7 @@ def test_logging_survives_a_stopped_tracking_server(tmp_path, monkeypatch, capsy
             log_step(0.05)
         summary = logger.finish()
         assert summary == {"pending": {}, "failed": {}, "spool": None}
-        assert tracking_spool.main(["replay", "--timeout", "60"]) == 0  # the killed logger's
+        assert spool_cli.main(["replay", "--timeout", "60"]) == 0  # the killed logger's
 
         err = capsys.readouterr().err
         assert err.count("is unreachable") == 1 and err.count("is back after") == 1

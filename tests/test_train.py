@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from vitok.platform.config import apply_overrides
-from vitok.platform.tracking import TrackingConfig, start_run
-from vitok.platform.train import (
+from vitok.platform.tracking.runs import TrackingConfig, start_run
+from vitok.platform.training.train import (
     TrainConfig,
     TrainJob,
     deepspeed_config,
@@ -23,7 +23,7 @@ from vitok.platform.train import (
     lr_multiplier,
     run_training,
 )
-from vitok.platform.train_data import split_from_arrays
+from vitok.platform.training.train_data import split_from_arrays
 
 
 class ToyTask:

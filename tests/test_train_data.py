@@ -11,17 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vitok.platform import read_plan
-from vitok.platform.read_plan import (
+from vitok.platform.data import read_plan
+from vitok.platform.data.read_plan import (
     same_group_pair_share,
     uniform_pair_share,
     worker_order,
 )
-from vitok.platform.shard_layout import encode_clips, parquet_write_options
-from vitok.platform.shard_reader import ShardSplit, SplitReader, UnitCache
-from vitok.platform.train import TrainConfig
-from vitok.platform.train_data import WorkerData, check_splits, split_from_arrays
-from vitok.platform.train_loop import resume_at_world
+from vitok.platform.data.shard_layout import encode_clips, parquet_write_options
+from vitok.platform.data.shard_reader import ShardSplit, SplitReader, UnitCache
+from vitok.platform.training.train import TrainConfig
+from vitok.platform.training.train_data import WorkerData, check_splits, split_from_arrays
+from vitok.platform.training.train_loop import resume_at_world
 
 SHAPE = (2, 16, 16, 3)  # 1536 bytes a clip
 

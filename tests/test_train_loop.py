@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitok.platform.train import OptimizerPart, TrainConfig
-from vitok.platform.train_data import WorkerData, split_from_arrays
-from vitok.platform.train_loop import Loop
-from vitok.platform.train_metrics import MetricWindow
+from vitok.platform.training.train import OptimizerPart, TrainConfig
+from vitok.platform.training.train_data import WorkerData, split_from_arrays
+from vitok.platform.training.train_loop import Loop
+from vitok.platform.training.train_metrics import MetricWindow
 
 
 class _Engine:

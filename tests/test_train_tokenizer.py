@@ -12,10 +12,10 @@ import torch
 
 from vitok.pipelines.experiment import ExperimentConfig
 from vitok.pipelines.presets import smoke, tokenizer_for
-from vitok.platform.data import DataConfig, prepare
+from vitok.platform.data.prepare import DataConfig, prepare
 from vitok.platform.storage import StorageConfig
-from vitok.platform.tracking import TrackingConfig
-from vitok.platform.train import TrainConfig
+from vitok.platform.tracking.runs import TrackingConfig
+from vitok.platform.training.train import TrainConfig
 
 
 def real_clip_config(tmp_path: Path, mlflow_uri: str) -> ExperimentConfig:
@@ -102,7 +102,7 @@ def test_tokenizer_training_real_clips_two_workers(ray_local, tmp_path, mlflow_u
     check_fp32_weights(cfg, prepared, run)
 
     # Running the same experiment again continues the same MLflow run (no duplicate).
-    from vitok.platform.tracking import start_run
+    from vitok.platform.tracking.runs import start_run
 
     again = start_run(cfg.tracking, cfg.name, resume_file=f"{cfg.run_dir(cfg.name)}/mlflow_run_id")
     assert again == run.run_id
@@ -110,15 +110,15 @@ def test_tokenizer_training_real_clips_two_workers(ray_local, tmp_path, mlflow_u
 
 def _val_clips(prepared, crop: tuple[int, int]) -> np.ndarray:
     """The whole validation split, centre-cropped, as uint8 (N, T, h, w, 3)."""
-    from vitok.platform.data import clip_dataset, to_model_input
-    from vitok.platform.metrics import to_uint8
+    from vitok.platform.data.prepare import clip_dataset, to_model_input
+    from vitok.platform.metrics.evaluate import to_uint8
 
     batch = clip_dataset(prepared, "val").take_batch(prepared.num_val, batch_format="numpy")
     return to_uint8(to_model_input(batch["clip"], crop=crop, flip=False)).numpy()
 
 
 def _mean_psnr(clips: np.ndarray, recon: np.ndarray | torch.Tensor) -> float:
-    from vitok.platform.metrics import psnr
+    from vitok.platform.metrics.evaluate import psnr
 
     return float(psnr(torch.from_numpy(clips), torch.as_tensor(recon)).double().mean())
 
@@ -144,7 +144,7 @@ def check_fp32_weights(cfg: ExperimentConfig, prepared, run) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from vitok.pipelines.model_registry import log_mlflow_model
-    from vitok.platform.train import load_model_state
+    from vitok.platform.training.train import load_model_state
     from vitok.tokenizer.task import TokenizerTask
 
     # Stage 1 (ZeRO-2 over two ranks): model.pt is what DeepSpeed's own consolidation reads
@@ -201,7 +201,7 @@ def check_fp32_weights(cfg: ExperimentConfig, prepared, run) -> None:
 
 def test_reconstruction_grid_names_the_split_its_clips_come_from(monkeypatch) -> None:
     """A run without a val split draws training clips: the grid's title says so."""
-    from vitok.platform import artifacts
+    from vitok.platform.metrics import artifacts
 
     titles: list[str] = []
     monkeypatch.setattr(artifacts, "_log_grid", lambda *args, **kw: titles.append(args[3]))

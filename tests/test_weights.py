@@ -1,5 +1,5 @@
 """The fp32 weights of a bf16 DeepSpeed run at every ZeRO stage, in one process: the loop's own
-engine building and export (``vitok.platform.weights``), checked against DeepSpeed's own
+engine building and export (``vitok.platform.training.weights``), checked against DeepSpeed's own
 record of its fp32 masters in the checkpoint it writes. (Two ranks, through Ray: the
 tokenizer integration test.)"""
 
@@ -10,8 +10,8 @@ import torch
 from helpers_train import one_process_group
 from torch import nn
 
-from vitok.platform.train import TrainConfig, build_engines, optimizer_parts
-from vitok.platform.weights import export_state, fp32_copy, snapshot_frozen
+from vitok.platform.training.train import TrainConfig, build_engines, optimizer_parts
+from vitok.platform.training.weights import export_state, fp32_copy, snapshot_frozen
 
 TRAINABLE = ("2.weight", "2.bias")
 
