@@ -81,7 +81,12 @@ def check_printed_config(script: str, args: list[str], out: str) -> None:
 
     notes = [line for line in out.splitlines() if line.startswith("[vitok] ")]
     printed = yaml.safe_load("\n".join(line for line in out.splitlines() if line not in notes))
-    expected = to_dict(preset(args[args.index("--preset") + 1]))
+    # preprocess.py without --preset starts from the demo preset, as every entry point does
+    name = args[args.index("--preset") + 1] if "--preset" in args else "demo"
+    expected = to_dict(preset(name))
+    sources = [value for flag, value in zip(args, args[1:]) if flag == "--source"]
+    if sources:  # preprocess.py's older option: the sources, in the order given
+        expected["data"]["sources"] = sources
     if script == "train_generator.py" and expected["generator_train"] is None:
         assert "[vitok] no generator_train section: using the tokenizer's train settings" in notes
         expected["generator_train"] = expected["train"]
@@ -95,6 +100,8 @@ def check_printed_config(script: str, args: list[str], out: str) -> None:
             section[leaf] = yaml.safe_load(raw)
         elif flag == "--data":
             expected["data"]["sources"] = [value]
+        elif flag == "--storage":  # preprocess.py's older spelling of storage.root
+            expected["storage"]["root"] = value
     assert printed == expected
 
 
