@@ -217,7 +217,7 @@ def run_python(code: str, cwd: Path, pythonpath: Path | None) -> subprocess.Comp
 
 def test_shipped_copy_wins_over_installed(tmp_path: Path):
     copy = copy_repo(tmp_path / "repo")
-    with (copy / "platform" / "sources.py").open("a") as f:
+    with (copy / "platform" / "data" / "sources.py").open("a") as f:
         f.write("\nSHIPPED_EDIT = True\n")
     code = (
         "from vitok.platform.runtime import use_shipped_code\n"
@@ -228,7 +228,7 @@ def test_shipped_copy_wins_over_installed(tmp_path: Path):
     shipped = run_python(code, tmp_path, pythonpath=copy)
     assert shipped.returncode == 0, shipped.stderr
     assert f"ROOT {copy.resolve()}" in shipped.stdout
-    assert f"FILE {copy.resolve() / 'platform' / 'sources.py'} True" in shipped.stdout
+    assert f"FILE {copy.resolve() / 'platform' / 'data' / 'sources.py'} True" in shipped.stdout
     # No repo on PYTHONPATH (a plain local run): the installed copy, untouched.
     local = run_python(code, tmp_path, pythonpath=None)
     assert local.returncode == 0, local.stderr
