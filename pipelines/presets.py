@@ -95,7 +95,7 @@ def smoke_study() -> ExperimentConfig:
 def demo() -> ExperimentConfig:
     """The default study on a 2-core laptop (under 10 minutes): the paper's reconstruction
     findings on real video. An E sweep over c at fixed L, and an encoder and a decoder sweep
-    at fixed E (8 tokenizers, two at a time, 500 steps each: 8 to 10 min on 2 cores); no
+    at fixed E (8 tokenizers, two at a time, 500 steps each: 7.4 to 10 min on 2 cores); no
     generator (add one with ``--set generator_train.steps=60``, or see the ``smoke-study``
     preset for the whole path).
 
