@@ -175,9 +175,9 @@ def transfer() -> ExperimentConfig:
     at batch 8 costs about 0.3 s at 8x32x32 (L=256) and 0.08 s at 8x16x16 (L=64), but
     1-2.5 s at 8x64x64 (L=1024), so a 32-against-64 pair would alone take longer than
     this whole preset; p=2 at 32x32 (L=1024) is ruled out for the same reason. The 32x32
-    c-sweep is the demo's E sweep, trial for trial. Measured: 9.5 and 13.9 min for the
-    study on a shared 2-core machine (load average 8-15 and 10-33), the same numbers each
-    time; the README has what they say about the claim.
+    c-sweep is the demo's E sweep, trial for trial. Measured: 7.0 min for the study on a
+    quiet 2-core machine (9.5 and 13.9 min on a shared one, before the training read path);
+    the README has what the numbers say about the claim.
     """
     cfg = demo()
     return dataclasses.replace(
