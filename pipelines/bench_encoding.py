@@ -71,7 +71,7 @@ def measure_encoding(clips: np.ndarray, encoding: str, quality: int = 90) -> dic
 
 def encoding_table(shapes: list[tuple[int, ...]], encodings: list[str], variant: str) -> list:
     """Prints one row per (clip size, encoding); returns them."""
-    from vitok.pipelines.bench_read import gpu_demand
+    from vitok.pipelines.model_stats import gpu_demand
 
     print(
         "\nclip encodings on real clips (sample videos), quality 90; one core; "

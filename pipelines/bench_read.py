@@ -35,8 +35,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of one H100 SXM
-MFU = 0.40
 SHARD_BYTES = 64 * 2**20  # as the writer (ingest.SHARD_BYTES)
 
 
@@ -194,16 +192,10 @@ def shuffle_ratio(split: Any, videos: np.ndarray, world: int, opts: dict[str, An
     return float(np.mean(shares)) / uniform_pair_share(videos)
 
 
-def gpu_demand(variant: str, shape: tuple[int, ...]) -> float:
-    """Training clips/s of ``variant`` on one H100 at 40% MFU (3x the forward FLOPs)."""
-    from vitok.pipelines.model_stats import variant_stats
-
-    stats = variant_stats(variant, input_size=tuple(shape[:3]))
-    return MFU * H100_BF16_FLOPS / (3 * float(stats["GFLOPs"]) * 1e9)
-
-
 def measure(pool, split, videos, shape, source: str, args, plain: tuple[int, float]) -> list:
     """One row per world size."""
+    from vitok.pipelines.model_stats import gpu_demand
+
     rows, clip_mb = [], int(np.prod(shape)) / 1e6
     total_mb = sum(b for rows_ in split.group_rows for b in rows_) * clip_mb
     demand = gpu_demand(args.variant, shape)

@@ -95,6 +95,17 @@ def variant_stats(
     }
 
 
+H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of one H100 SXM
+MFU = 0.40
+
+
+def gpu_demand(variant: str, shape: tuple[int, ...]) -> float:
+    """Training clips/s of ``variant`` at a ``(T, H, W, ...)`` input on one H100 at 40% MFU
+    (a training step costs 3x the forward FLOPs): what a reader must feed one GPU."""
+    stats = variant_stats(variant, input_size=tuple(shape[:3]))
+    return MFU * H100_BF16_FLOPS / (3 * float(stats["GFLOPs"]) * 1e9)
+
+
 def format_table(rows: list[dict[str, object]]) -> str:
     """A fixed-width text table."""
     cols = list(rows[0])
