@@ -84,18 +84,11 @@ def _config(args: argparse.Namespace, source: str, threads: int = 0):
 
 def _units(cfg) -> list:
     """The units ``prepare`` plans for ``cfg`` (the same listing, split and plan)."""
-    from vitok.platform.data.ingest_units import plan_units
-    from vitok.platform.data.prepare import _clip_bytes
-    from vitok.platform.data.sources import assign_splits, list_sources
+    from vitok.platform.data.prepare import plan_files
+    from vitok.platform.data.sources import list_sources
 
     files, _ = list_sources(cfg, "")
-    split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
-    labels = {name: i for i, name in enumerate(sorted({f.label for f in files}))}
-    items = [
-        {"path": f.path, "label": labels[f.label], "source_id": 0, "split": split_of[f.split_key]}
-        for f in files
-    ]
-    return plan_units(items, _clip_bytes(cfg), cfg.clips_per_video)
+    return plan_files(cfg, files)[2]
 
 
 def _unit_clips(job: tuple) -> int:

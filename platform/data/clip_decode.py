@@ -45,6 +45,11 @@ class ClipSpec:
     max_upscale: float  # reject sources that would need a larger upscale ("too small")
     threads: int = 0  # FFmpeg decoder threads: 0 = FFmpeg's choice (cores + 1), 1 = none
 
+    @property
+    def clip_bytes(self) -> int:
+        """Bytes of one stored uint8 clip, (T, H, W, 3)."""
+        return max(1, self.frames) * self.size[0] * self.size[1] * 3
+
 
 @dataclass(frozen=True)
 class Clip:

@@ -233,15 +233,13 @@ def decode_unit(
     """Decode a unit's files, write its shard (streamed, published whole) and then its
     marker. Returns the marker: files, shard entries, rejects, clips per label; ``error``
     holds why the shard or marker could not be written (the files decoded fine)."""
-    t = 1 if spec.frames == 1 else spec.frames
-    clip_bytes = t * spec.size[0] * spec.size[1] * 3
     rel = shard_path(unit.split, unit.name)
     marker: dict[str, Any] = {"unit": unit.name, "split": unit.split, "attempt": attempt}
     marker.update(files=[f[0] for f in unit.files], shards=[], rejects=[], labels={})
     labels: Counter[int] = Counter()
     try:
         with _local_output(storage.join(folder, rel), attempt) as local:
-            writer = _ShardWriter(local, clip_bytes, encoding, quality)
+            writer = _ShardWriter(local, spec.clip_bytes, encoding, quality)
             for path, label, sid in unit.files:
                 fault = _fault_for(path, faults) if faults else None
                 if fault == "die":  # the task's worker killed, as by the OOM killer

@@ -39,7 +39,7 @@ from vitok.platform.data.ingest import (
     decode_units,
     write_rejects_table,
 )
-from vitok.platform.data.ingest_units import plan_units, remove_leftovers
+from vitok.platform.data.ingest_units import Unit, plan_units, remove_leftovers
 from vitok.platform.data.shard_checks import (
     ATTEMPTS,
     CHECKSUM,
@@ -47,7 +47,7 @@ from vitok.platform.data.shard_checks import (
     remember_verified,
     verify_shards,
 )
-from vitok.platform.data.sources import assign_splits, digest, list_sources
+from vitok.platform.data.sources import SourceFile, assign_splits, digest, list_sources
 
 PIPELINE_VERSION = 2  # bump when the stored clips change for the same config: part of the key
 # (2: one clip per row group, the clip as raw bytes; shard_layout)
@@ -163,18 +163,7 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
         return prepared
     damaged = _manifest_attempt(folder)
 
-    split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
-    label_map = {name: i for i, name in enumerate(sorted({f.label for f in files}))}
-    items = [
-        {
-            "path": f.path,
-            "label": label_map[f.label],
-            "source_id": f.source_id,
-            "split": split_of[f.split_key],
-        }
-        for f in files
-    ]
-    units = plan_units(items, _clip_bytes(cfg), cfg.clips_per_video)
+    split_of, label_map, units = plan_files(cfg, files)
     attempt = storage.attempt_id()
     markers, decoded = decode_units(cfg, units, folder, attempt, len(files), progress)
     rejects = [r for m in markers.values() for r in m["rejects"]]
@@ -213,8 +202,23 @@ def prepare(cfg: DataConfig, root: str, *, progress: bool = True) -> PreparedDat
 NOT_IN_KEY = ("weights", "crop", "decode_timeout_s", "decode_threads", "max_reject_fraction")
 
 
-def _clip_bytes(cfg: DataConfig) -> int:
-    return max(1, cfg.frames) * cfg.size[0] * cfg.size[1] * 3
+def plan_files(
+    cfg: DataConfig, files: list[SourceFile]
+) -> tuple[dict[str, str], dict[str, int], list[Unit]]:
+    """The listed files' splits (by split key), the label map, and the units ``prepare``
+    decodes them in: a function of the listing and the config alone."""
+    split_of = assign_splits(files, cfg.val_fraction, cfg.split_seed)
+    label_map = {name: i for i, name in enumerate(sorted({f.label for f in files}))}
+    items = [
+        {
+            "path": f.path,
+            "label": label_map[f.label],
+            "source_id": f.source_id,
+            "split": split_of[f.split_key],
+        }
+        for f in files
+    ]
+    return split_of, label_map, plan_units(items, cfg.clip_spec().clip_bytes, cfg.clips_per_video)
 
 
 def _commit(

@@ -49,6 +49,20 @@ class Fit:
         )
 
 
+def _label_trials(ax, x: np.ndarray, y: np.ndarray, rows: list[dict[str, Any]]) -> None:
+    """Each finite point labelled with its row's trial name."""
+    for xi, yi, row in zip(x, y, rows):
+        if np.isfinite(xi) and np.isfinite(yi):
+            ax.annotate(
+                str(row.get("trial", "")),
+                (xi, yi),
+                fontsize=6,
+                alpha=0.7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+
+
 def fit_line(x: Sequence[float], y: Sequence[float]) -> Fit | None:
     """Ordinary least squares y = a x + b with R^2; None with < 3 points or constant x."""
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -104,16 +118,7 @@ def scaling_figure(
         fit = fit_line(x, y)
         fits[key] = fit
         ax.scatter(x, y, color="tab:blue", zorder=3)
-        for xi, yi, row in zip(x, y, rows):
-            if np.isfinite(xi) and np.isfinite(yi):
-                ax.annotate(
-                    str(row.get("trial", "")),
-                    (xi, yi),
-                    fontsize=6,
-                    alpha=0.7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+        _label_trials(ax, x, y, rows)
         if fit is not None:
             grid = np.linspace(np.nanmin(x), np.nanmax(x), 50)
             ax.plot(
@@ -201,16 +206,7 @@ def grouped_figure(
         colour = f"C{i}"
         label = f"{group}" + (f": R$^2$={fit.r2:.2f}, {fit.direction}" if fit else "")
         ax.scatter(x, y, color=colour, zorder=3, label=label)
-        for xi, yi, row in zip(x, y, subset):
-            if np.isfinite(xi) and np.isfinite(yi):
-                ax.annotate(
-                    str(row.get("trial", "")),
-                    (xi, yi),
-                    fontsize=6,
-                    alpha=0.7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+        _label_trials(ax, x, y, subset)
         if fit is not None:
             grid = np.linspace(np.nanmin(x), np.nanmax(x), 50)
             ax.plot(grid, fit(grid), color=colour, alpha=0.7)

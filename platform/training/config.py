@@ -21,11 +21,11 @@ schedule, and ``training_step`` returns ``({name: loss}, logs)``: each part is s
 the gradient of its own loss only.
 
 Weights: checkpoints hold the fp32 weights (under bf16, the optimizer's fp32 master copy;
-``vitok.platform.training.weights``), and evaluation under bf16 runs an fp32 copy holding them, so
-what is evaluated is what is saved, exported and logged.
+``weights``), and evaluation under bf16 runs an fp32 copy holding them, so what is evaluated
+is what is saved, exported and logged.
 
 The pipeline wires the rest in a ``TrainJob`` (batch function, evaluator); the worker loop
-is ``vitok.platform.training.train_loop``, where a resumed run ends as an uninterrupted one would.
+is ``train_loop``, where a resumed run ends as an uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """One worker loop for every stage: Ray Train's TorchTrainer + DeepSpeed, CPU or GPU.
 
-The platform trains a ``Task`` (a small structural protocol; ``tokenizer/`` and
-``generator/`` each provide one without importing anything from here):
-
-    task.build_model() -> nn.Module
-    task.param_groups(model) -> list[dict]          # optimizer groups (may carry their own lr)
-    task.training_step(model, batch, step) -> (loss, logs)
-    task.on_optimizer_step(model, step) -> None     # e.g. an EMA update
-    task.extra_state() / task.load_extra_state(d)   # e.g. the EMA weights
-    task.eval_module(model) -> nn.Module            # the weights to evaluate (EMA or live)
-
-A task that trains several networks with separate optimizers (a GAN: the decoder and its
-discriminator) also defines ``task.optimizer_parts(model)``, returning None (one optimizer
-over ``param_groups``) or ``{name: {"module": nn.Module, ...}}``; see ``optimizer_parts``.
-Each part gets its own DeepSpeed engine, so its own AdamW, gradient clipping and LR
-schedule, and ``training_step`` returns ``({name: loss}, logs)``: each part is stepped with
-the gradient of its own loss only.
-
-Weights: checkpoints hold the fp32 weights (under bf16, the optimizer's fp32 master copy;
-``vitok.platform.training.weights``), and evaluation under bf16 runs an fp32 copy holding them, so
-what is evaluated is what is saved, exported and logged.
-
-The pipeline wires the rest in a ``TrainJob`` (batch function, evaluator); the worker loop
-is ``vitok.platform.training.train_loop``, where a resumed run ends as an uninterrupted one would.
+``run_training`` fits a ``TrainJob`` (``config``: the ``Task`` protocol it trains, its
+``TrainConfig``, batch function and evaluator) on Ray Train workers that run the loop of
+``train_loop``, where a resumed run ends as an uninterrupted one would. This module is the
+package's front door: it also re-exports the public names of ``config``, ``engines`` and
+``checkpoints``.
 """
 
 from __future__ import annotations
