@@ -41,7 +41,7 @@ SHARD_BYTES = 64 * 2**20  # as the writer (ingest.SHARD_BYTES)
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="16x64x64,16x128x128", help="TxHxW, comma-separated")
     p.add_argument("--clips", default="2000,500", help="clips per size (local)")
-    p.add_argument("--s3-clips", default="1000,250", help="clips per size (S3, in memory)")
+    p.add_argument("--s3-clips", default="2000,1000", help="clips per size (S3, in memory)")
     p.add_argument("--worlds", default="1,2,4,8")
     p.add_argument("--sources", default="local,s3")
     p.add_argument("--batch-size", type=int, default=8, help="per worker")

@@ -115,11 +115,12 @@ def test_the_order_is_a_function_of_seed_epoch_world_and_rank(split):
 
 
 # ----------------------------------------------------------------------------- bytes
-def test_bytes_read_per_worker_fall_as_one_over_world(split):
+@pytest.mark.parametrize("read_span", [1, 8])
+def test_bytes_read_per_worker_fall_as_one_over_world(split, read_span):
     """Each worker reads its share (at most 1.1 x split / world, plus one row group) at world
-    1, 2, 4 and 8, so what a worker reads falls as 1/world (one row group per read here; a
-    read of ``read_span`` row groups adds at most one such read at each end of a share)."""
-    cfg = _cfg(batch_size=2)
+    1, 2, 4 and 8, so what a worker reads falls as 1/world, also when a read spans 8 row
+    groups: a unit at the edge of a share is read only in the rows that worker uses."""
+    cfg = _cfg(batch_size=2, read_span=read_span)
     total = sum(
         pq.ParquetFile(f).metadata.row_group(g).total_byte_size
         for f in split.files
@@ -137,6 +138,34 @@ def test_bytes_read_per_worker_fall_as_one_over_world(split):
         per_world[world] = max(read)
     assert per_world[8] < per_world[4] < per_world[2] < per_world[1] <= total
     assert per_world[1] / per_world[8] > 7  # about 8x less per worker at 8 workers
+
+
+def test_the_default_read_is_about_a_megabyte_on_disk_and_8_on_object_storage(tmp_path):
+    """``train.read_span=0`` sizes a read in bytes: the split's stored clip size sets how
+    many row groups make about 1 MiB (a file system) or 8 MiB (object storage), and a split
+    keeps at least 64 units to permute."""
+    from vitok.platform.training.train_data import read_span
+
+    def stored(rows: int, row_bytes: float) -> ShardSplit:  # the plan needs no files
+        return ShardSplit(("x.parquet",), ((1,) * rows,), ("clip",), row_bytes=row_bytes)
+
+    clip64, clip128 = 16 * 64 * 64 * 3, 16 * 128 * 128 * 3
+    assert read_span(stored(100_000, clip64), remote=False) == 6  # 1.1 MiB a read
+    assert read_span(stored(100_000, clip64), remote=True) == 43  # 8.1 MiB
+    assert read_span(stored(100_000, clip128), remote=False) == 2
+    assert read_span(stored(100_000, clip128), remote=True) == 11
+    assert read_span(stored(640, clip64), remote=True) == 10  # 64 units of 10 clips
+    assert read_span(stored(33, clip64), remote=False) == 1
+    assert read_span(split_from_arrays({"x": np.zeros((10, 3))}), remote=True) == 1
+    # The stored size comes from the footers: the clip column and the label, as stored.
+    files = write_split(tmp_path / "s", list(range(640)), files=2)  # 1536 B a clip
+    big = ShardSplit.from_files(files, ("clip", "label"), SHAPE)
+    assert 1536 < big.row_bytes < 1536 * 1.1
+    assert read_span(big, remote=False) == 10
+    data = WorkerData({"train": big}, TrainConfig(batch_size=4), 0, 1)
+    assert data.span == read_span(big, remote=False)
+    # The shipped footers spare the worker every footer read.
+    assert big.footers is not None and data.readers["train"].footer_bytes == 0
 
 
 def test_the_cache_serves_later_epochs_without_changing_the_order(split):
@@ -241,6 +270,15 @@ def test_a_mix_keeps_only_the_masked_rows(split):
     reader = SplitReader(masked, cache=UnitCache(0))
     rows = rows_of(reader.batches(np.arange(int(masked.unit_rows.sum())), 1))
     assert sorted(r for batch in rows for r in batch) == sorted(kept)
+    # Reads of 8 row groups, each worker's share cut mid-unit: every worker gets exactly the
+    # kept rows of its order, with the right bytes (rows_of checks each clip).
+    cfg = _cfg(batch_size=3, read_span=8)
+    for world in (2, 3):
+        rows, _ = _epoch(masked, cfg, world)
+        for rank in range(world):
+            order = WorkerData({"train": masked}, cfg, rank, world).order(0)
+            expected = [sorted(kept)[i] for i in order]
+            assert [r for batch in rows[rank] for r in batch] == expected
 
 
 def test_a_read_error_is_raised_where_the_batches_are_used(tmp_path):

@@ -9,10 +9,10 @@ layout, see ``shard_layout``). An epoch:
 1. ``epoch_sequence``: the units in a permutation seeded by (seed, epoch), their rows
    concatenated. It does not depend on the world size.
 2. ``rank_order``: worker ``rank`` of ``world`` takes the contiguous ``1/world`` slice of
-   that sequence (so it reads only its own units, plus at most a unit it shares at each end
-   of its slice) and deals it into batches window by window, so that the rows of one unit
-   (several consecutive clips of a shard, read with one request) land in different
-   batches.
+   that sequence (so it reads only its own units, and of a unit it shares with a neighbour
+   at an end of its slice only the rows it uses) and deals it into batches window by
+   window, so that the rows of one unit (several consecutive clips of a shard, read with
+   one request) land in different batches.
 3. Every worker takes ``(len // world) // batch_size`` batches: the same count everywhere,
    computed from the row table alone, since collectives need equal steps.
 

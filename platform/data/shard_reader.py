@@ -3,7 +3,8 @@ batches, read straight from Parquet with pyarrow (local disk, S3, GCS: the stora
 filesystem) a unit at a time (``span`` consecutive row groups: ``shard_splits``), in reader
 threads ahead of the step.
 
-``SplitReader.batches(order, batch_size)`` reads each unit the order needs once, in the
+``SplitReader.batches(order, batch_size)`` reads each unit the order needs once (only the
+rows of it the order uses: a unit at the edge of a worker's share is read in part), in the
 order it is first needed, on ``threads`` threads, at most ``prefetch`` batches ahead; a unit
 is dropped after the last batch that uses it, so memory is bounded by the lookahead and the
 plan's shuffle window, never by the split. A ``UnitCache`` keeps units read earlier up to
@@ -107,9 +108,21 @@ class SplitReader:
         transform = transform or _unchanged
         if all(self.cache.get((self.name, u)) is not None for u in plan.unit_sequence):
             for b in range(plan.count):  # everything in memory: nothing to overlap
-                yield transform(plan.gather(b, lambda u: self.cache.get((self.name, u))), b)
+                yield transform(plan.gather(b, lambda u: self._load(u, *plan.rows_needed(u))), b)
             return
         yield from self._prefetched(plan, transform)
+
+    def _load(self, unit: int, lo: int, hi: int) -> Arrays:
+        """Rows ``[lo, hi)`` of ``unit`` as arrays indexed from ``lo``: from the cache, or
+        read (only those rows' row groups); a unit read whole is offered to the cache."""
+        cached = self.cache.get((self.name, unit))
+        if cached is not None:
+            return {k: v[lo:hi] for k, v in cached.items()} if lo else cached
+        whole = lo == 0 and hi == self.unit_rows[unit]
+        arrays = self.units.read(unit, lo, hi)
+        if whole:
+            self.cache.offer((self.name, unit), arrays)
+        return arrays
 
     def _prefetched(self, plan: _BatchPlan, transform: Transform) -> Iterator[Any]:
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -136,14 +149,6 @@ class SplitReader:
                     pass
             thread.join()
 
-    def _load(self, unit: int) -> Arrays:
-        cached = self.cache.get((self.name, unit))
-        if cached is not None:
-            return cached
-        arrays = self.units.read(unit)
-        self.cache.offer((self.name, unit), arrays)
-        return arrays
-
     def _produce(
         self, plan: _BatchPlan, transform: Transform, out: queue.Queue, stop: threading.Event
     ) -> None:
@@ -159,7 +164,7 @@ class SplitReader:
                 horizon = plan.first_unit_of_batch(min(b + self.prefetch, plan.count - 1) + 1)
                 while submitted < horizon:
                     unit = int(plan.unit_sequence[submitted])
-                    held[unit] = pool.submit(self._load, unit)
+                    held[unit] = pool.submit(self._load, unit, *plan.rows_needed(unit))
                     submitted += 1
                 batch = plan.gather(b, lambda u: held[u].result())
                 for unit in plan.units_last_used_by(b):
@@ -200,13 +205,22 @@ def _unchanged(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Te
 
 class _BatchPlan:
     """The units a list of row ids needs, batch by batch: which unit and offset each row is,
-    the units in order of first use, and after which batch each unit is done."""
+    the rows of each unit it needs (a unit shared with the next worker's share is read only
+    in part), the units in order of first use, and after which batch each unit is done."""
 
     def __init__(self, order: np.ndarray, starts: np.ndarray, batch_size: int) -> None:
         self.batch_size = batch_size
         self.count = -(-len(order) // batch_size)
         self.unit = np.searchsorted(starts, order, side="right") - 1
         self.offset = order - starts[self.unit]
+        units, inverse = np.unique(self.unit, return_inverse=True)
+        lo = np.full(len(units), np.iinfo(np.int64).max)
+        hi = np.zeros(len(units), np.int64)
+        np.minimum.at(lo, inverse, self.offset)
+        np.maximum.at(hi, inverse, self.offset + 1)
+        self._lo = dict(zip(units.tolist(), lo.tolist()))
+        self._hi = dict(zip(units.tolist(), hi.tolist()))
+        self.base = lo[inverse]  # the first row read of each row's unit
         first = np.unique(self.unit, return_index=True)[1]
         self.unit_sequence = self.unit[np.sort(first)]  # units in order of first use
         first_batch = np.sort(first) // batch_size  # of each unit in that sequence
@@ -224,14 +238,18 @@ class _BatchPlan:
     def units_last_used_by(self, b: int) -> np.ndarray:
         return self._done_after.get(b, np.empty(0, np.int64))
 
+    def rows_needed(self, unit: int) -> tuple[int, int]:
+        """``[lo, hi)``: the rows of ``unit`` this plan uses lie within them."""
+        return self._lo[unit], self._hi[unit]
+
     def gather(self, b: int, unit_arrays: Any) -> dict[str, torch.Tensor]:
         sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
         rows = [unit_arrays(int(u)) for u in self.unit[sl]]
+        at = self.offset[sl] - self.base[sl]  # arrays of a unit start at its first row read
         out = {}
         for name in rows[0]:
-            out[name] = torch.from_numpy(
-                np.stack([r[name][o] for r, o in zip(rows, self.offset[sl])])
-            )  # (B, ...)
+            out[name] = torch.from_numpy(np.stack([r[name][o] for r, o in zip(rows, at)]))
+            # (B, ...)
         return out
 
 

@@ -1,6 +1,7 @@
 """Where a training job's data is and how one unit of it is read: ``ShardSplit`` (Parquet
-files and the rows of each row group, from the footers, read once on the driver; the
-columns; the raw clip shape; an optional keep mask per file) and ``ArraySplit`` (columns in
+files and the rows of each row group, from the footers, read once on the driver and
+shipped with the split while they are small; the columns; the raw clip shape; the stored
+bytes per row; an optional keep mask per file) and ``ArraySplit`` (columns in
 memory: tests, probes, benchmarks of the loop alone). Both are small and picklable, shipped
 to every worker; ``split.open(span)`` gives the worker's unit reader
 (``vitok.platform.data.shard_reader`` reads through it)."""
@@ -22,7 +23,12 @@ from vitok.platform.data.shard_layout import CLIP_COLUMN, decode_clips
 
 Arrays = dict[str, np.ndarray]
 FOOTER_THREADS = 8
-OPEN_FILES = 64  # per reader thread (each open file keeps its footer in memory)
+OPEN_FILES = 64  # open handles per reader thread
+# The footers the driver read ride with the split to every worker while they total at most
+# this much (a worker then reads none: on object storage each is a request, and a worker's
+# first batches touch as many files as a batch has clips). Beyond it, each worker reads a
+# file's footer the first time it reads from that file.
+SHIPPED_FOOTER_BYTES = 32 * 2**20
 
 
 # ----------------------------------------------------------------------------- splits
@@ -35,6 +41,9 @@ class ShardSplit:
     columns: tuple[str, ...]
     clip_shape: tuple[int, ...] | None = None  # (T, H, W, 3) of a raw clip column
     keep: tuple[bytes, ...] | None = None  # per file: np.packbits of the kept rows
+    row_bytes: float = 0.0  # stored bytes of the columns read, per row (mean)
+    # per file: its footer (``pq.FileMetaData``), while they total SHIPPED_FOOTER_BYTES
+    footers: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_files(
@@ -46,12 +55,26 @@ class ShardSplit:
     ) -> ShardSplit:
         """Reads every file's footer (on a few threads) for its row-group sizes."""
         with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, len(files)))) as pool:
-            group_rows = tuple(pool.map(_group_rows, files))
+            metas = list(pool.map(_metadata, files))
+        group_rows = tuple(
+            tuple(m.row_group(g).num_rows for g in range(m.num_row_groups)) for m in metas
+        )
+        rows = sum(m.num_rows for m in metas)
+        stored = sum(int(_column_bytes(m, columns).sum()) for m in metas)
+        shipped = sum(m.serialized_size for m in metas) <= SHIPPED_FOOTER_BYTES
         packed = None
         if keep is not None:
             packed = tuple(np.packbits(np.asarray(k, bool)).tobytes() for k in keep)
         shape = tuple(int(v) for v in clip_shape) if clip_shape is not None else None
-        return cls(tuple(files), group_rows, tuple(columns), shape, packed)
+        return cls(
+            tuple(files),
+            group_rows,
+            tuple(columns),
+            shape,
+            packed,
+            row_bytes=stored / max(rows, 1),
+            footers=tuple(metas) if shipped else None,
+        )
 
     @property
     def unit_rows(self) -> np.ndarray:
@@ -111,13 +134,13 @@ def _column_bytes(meta: Any, columns: Sequence[str]) -> np.ndarray:
     )
 
 
-def _group_rows(uri: str) -> tuple[int, ...]:
+def _metadata(uri: str) -> Any:
+    """A Parquet file's footer (``pq.FileMetaData``)."""
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
-        meta = pq.ParquetFile(f).metadata
-    return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+        return pq.ParquetFile(f).metadata
 
 
 # ----------------------------------------------------------------------------- unit readers
@@ -131,9 +154,10 @@ class ArrayUnits:
         full, rest = divmod(n, self.size)
         self.unit_rows = np.asarray([self.size] * full + ([rest] if rest else []), np.int64)
 
-    def read(self, unit: int) -> Arrays:
-        lo = unit * self.size
-        return {k: v[lo : lo + self.size] for k, v in self.split.arrays.items()}
+    def read(self, unit: int, lo: int = 0, hi: int | None = None) -> Arrays:
+        start = unit * self.size
+        hi = int(self.unit_rows[unit]) if hi is None else hi
+        return {k: v[start + lo : start + hi] for k, v in self.split.arrays.items()}
 
     def close(self) -> None:
         pass
@@ -143,9 +167,9 @@ class ParquetUnits:
     """Units of a ``ShardSplit``: ``span`` consecutive row groups of a file each, read with
     one ``read_row_groups`` (one request on object storage: the column chunks of
     consecutive row groups lie together) on the storage root's filesystem. Thread-safe:
-    every thread opens its own file handles (an LRU of ``OPEN_FILES``) over footers read
-    once per worker. ``bytes_read`` counts the column chunks read from storage,
-    ``footer_bytes`` the footers."""
+    every thread opens its own file handles (an LRU of ``OPEN_FILES``) over the footers
+    shipped with the split (or read once per worker). ``bytes_read`` counts the column
+    chunks read from storage, ``footer_bytes`` the footers read."""
 
     def __init__(self, split: ShardSplit, span: int = 1) -> None:
         self.split = split
@@ -157,26 +181,37 @@ class ParquetUnits:
         self._meta: dict[int, Any] = {}
         self._sizes: dict[int, np.ndarray] = {}  # per file: bytes of each row group's columns
         self._lock = threading.Lock()
+        self._file_locks: dict[int, threading.Lock] = {}
         self._local = threading.local()
         self._open: set[Any] = set()  # every thread's open files, closed by close()
 
     def _metadata(self, index: int) -> Any:
+        """File ``index``'s footer: shipped with the split, or read once per worker (one
+        lock per file: threads wanting the same footer wait for one read)."""
         with self._lock:
             meta = self._meta.get(index)
-        if meta is None:
-            import pyarrow.parquet as pq
-
-            fs, path = storage.filesystem(self.split.files[index])
-            with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
+            lock = self._file_locks.setdefault(index, threading.Lock())
+        if meta is not None:
+            return meta
+        with lock:
+            with self._lock:
+                meta = self._meta.get(index)
+            if meta is not None:
+                return meta
+            shipped = self.split.footers
+            meta = shipped[index] if shipped else _metadata(self.split.files[index])
             sizes = _column_bytes(meta, self.split.columns)
             with self._lock:
-                if index not in self._meta:
-                    self._meta[index], self._sizes[index] = meta, sizes
+                self._meta[index], self._sizes[index] = meta, sizes
+                if not shipped:
                     self.footer_bytes += meta.serialized_size + 8  # footer, length, magic
         return meta
 
     def _file(self, index: int) -> Any:
+        """A ``pq.ParquetFile`` of file ``index`` for one read, over this thread's open
+        handle of the file. A new one each read: on object storage it pre-buffers (one
+        request for the row groups read) and keeps that buffer until its next read, so a
+        kept one would hold a read's worth of memory per file and thread."""
         import pyarrow.parquet as pq
 
         handles = getattr(self._local, "files", None)
@@ -184,43 +219,53 @@ class ParquetUnits:
             handles = self._local.files = collections.OrderedDict()
         if index in handles:
             handles.move_to_end(index)
-            return handles[index][1]
-        meta = self._metadata(index)
-        fs, path = storage.filesystem(self.split.files[index])
-        raw = fs.open_input_file(path)
-        remote = not storage.is_local(self.split.files[index])
-        handles[index] = (raw, pq.ParquetFile(raw, metadata=meta, pre_buffer=remote))
-        with self._lock:
-            self._open.add(raw)
-        if len(handles) > OPEN_FILES:
-            old = handles.popitem(last=False)[1][0]
+        else:
+            fs, path = storage.filesystem(self.split.files[index])
+            handles[index] = raw = fs.open_input_file(path)
             with self._lock:
-                self._open.discard(old)
-            old.close()
-        return handles[index][1]
+                self._open.add(raw)
+            if len(handles) > OPEN_FILES:
+                old = handles.popitem(last=False)[1]
+                with self._lock:
+                    self._open.discard(old)
+                old.close()
+        remote = not storage.is_local(self.split.files[index])
+        return pq.ParquetFile(handles[index], metadata=self._metadata(index), pre_buffer=remote)
 
-    def read(self, unit: int) -> Arrays:
+    def read(self, unit: int, lo: int = 0, hi: int | None = None) -> Arrays:
+        """Rows ``[lo, hi)`` of ``unit`` (after the keep mask; all of it by default), read
+        with one request: only the row groups that hold them."""
         index, first, count = self.spans[unit]
+        hi = int(self.unit_rows[unit]) if hi is None else hi
+        starts = self.file_starts[index]
+        base = int(starts[first])
+        bounds = starts[first : first + count + 1] - base  # row groups' rows in the unit
+        kept = None
+        if self.masks is not None:
+            kept = np.flatnonzero(self.masks[index][base : base + int(bounds[-1])])
+        raw_lo, raw_hi = (lo, hi) if kept is None else (int(kept[lo]), int(kept[hi - 1]) + 1)
+        g0 = int(np.searchsorted(bounds, raw_lo, side="right")) - 1
+        g1 = int(np.searchsorted(bounds, raw_hi, side="left"))
         parquet = self._file(index)
-        groups = list(range(first, first + count))
+        groups = list(range(first + g0, first + g1))
         columns = list(self.split.columns)
         table = parquet.read_row_groups(groups, columns=columns, use_threads=False)
-        size = (
-            int(self._sizes[index][first])
-            if count == 1
-            else int(self._sizes[index][first : first + count].sum())
-        )
+        size = int(self._sizes[index][first + g0 : first + g1].sum())
         with self._lock:
             self.bytes_read += size
         out = {}
         for name in self.split.columns:
             shape = self.split.clip_shape if name == CLIP_COLUMN else None
             out[name] = decode_clips((table.schema.field(name), table.column(name)), shape)
-        if self.masks is not None:
-            lo, hi = self.file_starts[index][first], self.file_starts[index][first + count]
-            kept = self.masks[index][lo:hi]
-            out = {k: v[kept] for k, v in out.items()}
-        return out
+        # The rows read run over raw rows [bounds[g0], bounds[g1]) of the unit: keep what
+        # the mask keeps, then the requested rows.
+        a, b = int(bounds[g0]), int(bounds[g1])
+        if kept is None:
+            pick = slice(lo - a, hi - a)
+            return {k: v[pick] for k, v in out.items()}
+        window = self.masks[index][base + a : base + b]
+        skip = int(np.searchsorted(kept, a))  # kept rows before the first row group read
+        return {k: v[window][lo - skip : hi - skip] for k, v in out.items()}
 
     def close(self) -> None:
         with self._lock:

@@ -77,9 +77,9 @@ class TrainConfig:
     # A worker reads read_span consecutive row groups of a shard (clips, in the current
     # layout) with one request; each epoch permutes these units globally, and each worker
     # deals its share into batches within windows of shuffle_buffer rows (at least
-    # read_span * batch_size), so that no two clips of one unit share a batch. 0 = 1 on a
-    # file system, 8 on object storage (whose requests cost latency: read_span 8 makes 8x
-    # fewer, at the price of a window's batches drawing on the same units).
+    # read_span * batch_size), so that no two clips of one unit share a batch. 0 = reads of
+    # about 1 MiB on a file system and 8 MiB on object storage (whose requests cost
+    # latency), in row groups of the split's stored clip size (train_data.read_span).
     shuffle_buffer: int = 64
     read_span: int = 0
     # Row groups a worker has read are kept in memory up to this many MB: a small split is
