@@ -53,6 +53,8 @@ def train_locally(
         torch.manual_seed(step_seed(cfg.seed, 0, step))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, 0, step))
         batch = batch_fn(raw, True, gen) if batch_fn is not None else raw
+        if hasattr(batch_fn, "on_device"):  # as the loop does, on the CPU in fp32
+            batch = batch_fn.on_device(batch, torch.float32)
         loss, logs = task.training_step(model, batch, step)
         losses = named_losses(loss, parts)
         for part in parts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from helpers_data import make_broken_folder, read_indices, write_index_video, write_png
 
 from vitok.platform.config import apply_overrides
+from vitok.platform.data.clips import ClipBatch
 from vitok.platform.data.media import ClipSpec, Rejected, clip_frame_indices, decode_file
 from vitok.platform.data.prepare import DataConfig, to_model_input
 from vitok.platform.data.sources import assign_splits, list_sources
@@ -191,3 +193,27 @@ def test_to_model_input_range_crop_and_flip() -> None:
         to_model_input(clips.float(), crop=None, flip=False)
     with pytest.raises(ValueError, match="crop"):
         to_model_input(clips, crop=(16, 16), flip=False)
+
+
+def test_the_reader_hands_over_uint8_crops_scaled_on_the_device_to_the_same_bits() -> None:
+    """ClipBatch crops and flips in uint8 in the reader thread (a quarter of the float
+    batch's bytes); the loop's on_device scales them to exactly the values the float path
+    gives, in fp32 and in bf16 (computed in fp32, then cast, as before)."""
+    from vitok.platform.training.train_loop import _on_device
+
+    clips = torch.randint(0, 256, (6, 2, 12, 10, 3), dtype=torch.uint8)
+    batch_fn = ClipBatch((8, 6))
+    for training in (True, False):
+        reader = batch_fn({"clip": clips, "label": torch.arange(6)}, training, _gen(3))
+        assert reader["x"].dtype == torch.uint8 and reader["x"].shape == (6, 2, 8, 6, 3)
+        job = SimpleNamespace(batch_fn=batch_fn)
+        for dtype in (torch.float32, torch.bfloat16):
+            model_batch = _on_device(job, reader, "cpu", dtype)
+            expected = to_model_input(clips, crop=(8, 6), flip=training, generator=_gen(3))
+            assert model_batch["x"].dtype == dtype
+            assert torch.equal(model_batch["x"], expected.to(dtype))
+            assert torch.equal(model_batch["label"], torch.arange(6))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

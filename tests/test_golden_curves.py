@@ -117,7 +117,9 @@ def _stage2_curve(tmp_path) -> dict[str, list[float]]:
     batches = _clip_batches(_clips(), STAGE2.steps, STAGE2.batch_size, seed=2)
     model, history = train_locally(task, batches, STAGE2, batch_fn=ClipBatch((16, 16)))
     # The evaluated decoder is the EMA's (with warm-up): its reconstruction error shows it.
-    x = ClipBatch((16, 16))({"clip": _clips()[:4], "label": torch.zeros(4)}, False, None)["x"]
+    batch_fn = ClipBatch((16, 16))
+    eval_batch = batch_fn({"clip": _clips()[:4], "label": torch.zeros(4)}, False, None)
+    x = batch_fn.on_device(eval_batch, torch.float32)["x"]
     with torch.no_grad():
         recon, _ = task.eval_module(model)(x, sample=False)
     curve = {k: _at(history, k, STAGE2_CHECK_STEPS) for k in ("loss/decoder", "loss/discriminator")}

@@ -221,6 +221,8 @@ def to_model_input(
     ``crop=(h, w)`` takes a random crop per clip when ``random_crop`` (default: same as
     ``flip``, i.e. training) and the centre crop otherwise; ``flip`` mirrors each clip
     horizontally with probability 1/2. Randomness comes from ``generator``.
+    ``dtype=torch.uint8`` keeps the crops and flips in uint8, unscaled: ``pixels_to_unit``
+    scales them later (on the device, see ``ClipBatch``), to the same values.
     """
     x = clips if isinstance(clips, torch.Tensor) else torch.from_numpy(np.array(clips))
     if x.dtype != torch.uint8 or x.ndim != 5 or x.shape[-1] != 3:
@@ -239,13 +241,27 @@ def to_model_input(
     if flip:
         mirror = (torch.rand(b, generator=generator) < 0.5).tolist()  # (B,)
     # Clip by clip: crop (a view), mirror (a copy of that clip only), converted straight into
-    # the float batch and scaled in place while it is in cache (the arithmetic of
-    # x / 127.5 - 1; a pass over the whole batch afterwards would go to memory again).
+    # the float batch and scaled in place while it is in cache (a pass over the whole batch
+    # afterwards would go to memory again).
     out = torch.empty((b, t, ch, cw, 3), dtype=dtype)
     for i in range(b):
         clip = x[i, :, top[i] : top[i] + ch, left[i] : left[i] + cw]  # (T, ch, cw, 3)
-        out[i].copy_(clip.flip(2) if mirror[i] else clip).div_(127.5).sub_(1.0)
+        into = out[i].copy_(clip.flip(2) if mirror[i] else clip)
+        if dtype != torch.uint8:
+            _to_unit_range(into)
     return out
+
+
+def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """In place: float pixel values in [0, 255] -> [-1, 1] (x / 127.5 - 1)."""
+    return x.div_(127.5).sub_(1.0)
+
+
+def pixels_to_unit(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 crops (``to_model_input(..., dtype=torch.uint8)``) -> ``dtype`` in [-1, 1],
+    on whatever device ``x`` is: computed in float32 and then cast, as ``to_model_input``
+    and the loop's cast to the worker's dtype do, so the values are the same bits."""
+    return _to_unit_range(x.to(torch.float32)).to(dtype)
 
 
 def model_batches(
@@ -270,11 +286,19 @@ def model_batches(
 
 @dataclass(frozen=True)
 class ClipBatch:
-    """Ray Data batch -> task batch, on the worker: crop/flip for training, centre crop for
-    evaluation, values in [-1, 1]."""
+    """Shard batch -> task batch, on the worker: crop/flip for training, centre crop for
+    evaluation, in uint8 (in the reader thread, ahead of the step); ``on_device`` scales
+    them to [-1, 1] once they are on the worker's device. A uint8 batch is a quarter of
+    the float one's bytes through host memory, pinned buffers and the copy to a GPU, and
+    writing the float batch was most of a reader's per-clip work (README: the read path)."""
 
     crop: tuple[int, int] | None
 
     def __call__(self, batch: dict[str, torch.Tensor], training: bool, gen: torch.Generator):
-        x = to_model_input(batch["clip"], crop=self.crop, flip=training, generator=gen)
+        x = to_model_input(
+            batch["clip"], crop=self.crop, flip=training, generator=gen, dtype=torch.uint8
+        )
         return {"x": x, "label": batch["label"]}
+
+    def on_device(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+        return {**batch, "x": pixels_to_unit(batch["x"], dtype)}

@@ -191,7 +191,10 @@ class Evaluator(Protocol):
 
 # (batch, training, generator) -> the task's batch. A training batch is prepared in the reader
 # thread ahead of its step, so a batch function draws only from the generator it is given
-# (seeded by the micro step), never from torch's global generator.
+# (seeded by the micro step), never from torch's global generator. A batch function may also
+# define ``on_device(batch, dtype) -> batch``: the loop calls it once the batch is on the
+# worker's device (floating tensors cast to the worker's dtype), for work the device does
+# better than the reader (``ClipBatch`` hands over uint8 crops and scales them there).
 BatchFn = Callable[[dict[str, torch.Tensor], bool, torch.Generator], dict[str, torch.Tensor]]
 
 

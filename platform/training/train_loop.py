@@ -182,7 +182,7 @@ def evaluate(
                 break
             gen = torch.Generator().manual_seed(step_seed(cfg.seed + 1, rank, i))
             model_batch = job.batch_fn(_select(batch, job.columns), False, gen)
-            evaluator.update(eval_model, _to_device(model_batch, worker.device, eval_dtype))
+            evaluator.update(eval_model, _on_device(job, model_batch, worker.device, eval_dtype))
     eval_model.train(was_training)
     return {f"val/{k}": v for k, v in evaluator.compute().items()}, evaluator
 
@@ -287,7 +287,7 @@ class Loop:
         self.first_step_at = self.first_step_at or time.time()
         micro_step = step * cfg.grad_accum + self.micro  # each micro batch its own draws
         torch.manual_seed(step_seed(cfg.seed, self.rank, micro_step))
-        model_batch = _to_device(model_batch, worker.device, worker.dtype)
+        model_batch = _on_device(job, model_batch, worker.device, worker.dtype)
         loss, logs = job.task.training_step(worker.model, model_batch, step)
         losses = named_losses(loss, worker.parts)
         for part, engine in worker.pairs:  # all backwards before any update
@@ -423,14 +423,17 @@ def _select(batch: Mapping[str, torch.Tensor], columns: tuple[str, ...]) -> dict
     return {k: batch[k] for k in columns if k in batch}
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) -> dict:
-    """Tensors moved to ``device``, floating-point ones cast to ``dtype``."""
-    return {
+def _on_device(job: TrainJob, batch: dict[str, torch.Tensor], device: Any, dtype: torch.dtype):
+    """The task's batch on ``device``: tensors moved there, floating-point ones cast to
+    ``dtype``, then the batch function's ``on_device`` if it has one."""
+    moved = {
         k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True)
         if isinstance(v, torch.Tensor)
         else v
         for k, v in batch.items()
     }
+    finish = getattr(job.batch_fn, "on_device", None)
+    return finish(moved, dtype) if finish is not None else moved
 
 
 __all__ = [
