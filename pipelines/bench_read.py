@@ -5,13 +5,15 @@ For each clip size it writes a UCF-shaped corpus (videos of 2-3 clips, stored vi
 video, as prepare writes them: ``shard_layout``), times a plain single-thread pyarrow loop
 over the files (``ParquetFile.iter_batches``, the clip column viewed as uint8 and copied
 into a torch tensor: the machine's limit), then ``world`` reader processes at once (the
-worker's ``SplitReader`` over its share of an epoch, each batch cropped, flipped and
-scaled to [-1, 1] in the reader thread, where the training loop runs the batch function).
+worker's ``SplitReader`` over its share of an epoch, clips and labels, each batch cropped
+and flipped in the reader thread by the tokenizer's batch function, ``ClipBatch``, as the
+training loop runs it: uint8 crops, scaled to [-1, 1] on the device in the step).
 Per row: MB read per worker against its share, clips/s and MB/s per worker and all
-together, time to the first batch, the most Arrow memory a worker held at once (its buffer,
-against its share), the same-video pair share of the plan's global batches against a
-uniform permutation's, and what one GPU consumes (clips/s of the variant at 40% MFU on an
-H100, from ``model_stats``).
+together, time to the first batch and its floor (the storage serving the same requests
+bare, in every worker at once: ``first_reads``), the most Arrow memory a worker held at
+once (its buffer, against its share), the same-video pair share of the plan's global
+batches against a uniform permutation's, and what one GPU consumes (clips/s of the variant
+at 40% MFU on an H100, from ``model_stats``).
 Then the clip encodings (raw, JPEG, WebP per frame) on real clips: bytes per clip and
 decode clips/s on one core.
 """
@@ -40,7 +42,7 @@ SHARD_BYTES = 64 * 2**20  # as the writer (ingest.SHARD_BYTES)
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="16x64x64,16x128x128", help="TxHxW, comma-separated")
-    p.add_argument("--clips", default="2000,500", help="clips per size (local)")
+    p.add_argument("--clips", default="10000,2500", help="clips per size (local: 2 GB each)")
     p.add_argument("--s3-clips", default="2000,1000", help="clips per size (S3, in memory)")
     p.add_argument("--worlds", default="1,2,4,8")
     p.add_argument("--sources", default="local,s3")
@@ -119,11 +121,24 @@ def _rchar() -> int:
     return -1
 
 
+_WARM: list[bool] = []  # whether this process has read once
+
+
 def _warm(_: int = 0) -> int:
-    import torch  # noqa: F401
+    """A pool process made ready to read, once: a worker's whole read path run over a tiny
+    local corpus, so that no row times a process's first-use costs (0.17 s to the first
+    batch in a fresh process, 0.016 s after; a whole 2000-clip epoch at world 1 takes 0.3
+    s). Storage stays cold: the S3 client is first used in the timed read."""
+    if not _WARM:
+        from vitok.platform.data.shard_splits import ShardSplit
 
-    import vitok.platform.data.shard_reader  # noqa: F401
-
+        shape = (2, 8, 8, 3)
+        with tempfile.TemporaryDirectory(prefix="vitok-warm-") as folder:
+            files, _ = write_corpus(Path(folder), 4, shape)
+            split = ShardSplit.from_files(files, ("clip", "label"), shape)
+            opts = {"batch_size": 2, "threads": 0, "prefetch": 1, "span": 1}
+            _epoch(split, 1, 0, opts)
+        _WARM.append(True)
     return os.getpid()
 
 
@@ -140,27 +155,32 @@ def _config(opts: dict[str, Any]) -> Any:
 
 
 def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[str, Any]:
-    """One worker's epoch, as the training loop reads it (``WorkerData``), each batch cropped,
-    flipped and scaled as the tokenizer's batch function does."""
+    """One worker's epoch, as the training loop reads it (``WorkerData``), each batch made by
+    the tokenizer's batch function in the reader thread, in a process that has read before."""
+    _warm()
+    return _epoch(split, world, rank, opts)
+
+
+def _epoch(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[str, Any]:
     import pyarrow as pa
     import torch
 
-    from vitok.platform.data.clips import to_model_input
+    from vitok.platform.data.clips import ClipBatch
     from vitok.platform.training.train_data import WorkerData
 
     torch.set_num_threads(1)
     _, h, w, _ = split.clip_shape
     data = WorkerData({"train": split}, _config(opts), rank, world)
 
-    def augment(batch: dict[str, Any], i: int) -> torch.Tensor:  # in the reader thread
+    batch_fn = ClipBatch((h * 7 // 8, w * 7 // 8))
+
+    def augment(batch: dict[str, Any], i: int) -> dict[str, torch.Tensor]:  # reader thread
         gen = torch.Generator().manual_seed(i)  # as the loop seeds it, by micro step
-        return to_model_input(
-            batch["clip"], crop=(h * 7 // 8, w * 7 // 8), flip=True, generator=gen
-        )
+        return batch_fn(batch, True, gen)
 
     io_before, begin, clips, first, held = _rchar(), time.time(), 0, None, 0
     for x in data.train_batches(0, transform=augment):
-        clips += len(x)
+        clips += len(x["x"])
         first = first or time.time() - begin
         held = max(held, pa.total_allocated_bytes())  # Arrow buffers the reader holds
     end = time.time()
@@ -175,6 +195,44 @@ def read_share(split: Any, world: int, rank: int, opts: dict[str, Any]) -> dict[
         "rchar": _rchar() - io_before,
         "arrow_mb": held / 1e6,
     }
+
+
+def first_reads(split: Any, world: int, rank: int, opts: dict[str, Any]) -> float:
+    """Seconds the storage takes to serve the requests of this worker's first batch with no
+    reader around them: for each unit the first batch needs, a handle opened on the file and
+    one ranged read of the unit's bytes, on as many threads as the reader has. Run in all
+    ``world`` processes at once, it is the floor under the reader's time to first batch
+    (on moto, whose requests cost it time in proportion to the whole object, the floor)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vitok.platform import storage
+    from vitok.platform.data.shard_splits import _column_bytes
+    from vitok.platform.training.train_data import WorkerData
+
+    data = WorkerData({"train": split}, _config(opts), rank, world)
+    reader = data.readers["train"]
+    rows = data.order(0)[: opts["batch_size"]]
+    units = np.unique(np.searchsorted(reader.starts, rows, side="right") - 1)
+    requests = []
+    for unit in units:
+        index, first, count = reader.units.spans[unit]
+        meta = reader.units._metadata(index)
+        chunk = meta.row_group(first).column(0)
+        offset = min(chunk.data_page_offset, chunk.dictionary_page_offset or chunk.file_offset)
+        nbytes = int(_column_bytes(meta, split.columns)[first : first + count].sum())
+        requests.append((split.files[index], offset, nbytes))
+    data.close()
+
+    def fetch(request: tuple[str, int, int]) -> int:
+        uri, offset, nbytes = request
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            return len(f.read_at(nbytes, offset))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(reader.threads) as pool:
+        list(pool.map(fetch, requests))
+    return time.perf_counter() - started
 
 
 def shuffle_ratio(split: Any, videos: np.ndarray, world: int, opts: dict[str, Any]) -> float:
@@ -208,6 +266,10 @@ def measure(pool, split, videos, shape, source: str, args, plain: tuple[int, flo
             out = [f.result() for f in futures]
             runs.append((max(o["end"] for o in out) - min(o["begin"] for o in out), out))
         seconds, out = min(runs, key=lambda run: run[0])
+        floors = []
+        for _ in range(args.repeat):
+            futures = [pool.submit(first_reads, split, world, r, opts) for r in range(world)]
+            floors.append(max(f.result() for f in futures))
         clips = sum(o["clips"] for o in out)
         per_worker = [o["clips"] / (o["end"] - o["begin"]) for o in out]
         row = {
@@ -225,6 +287,7 @@ def measure(pool, split, videos, shape, source: str, args, plain: tuple[int, flo
             "mb_per_s_per_worker": float(np.mean(per_worker)) * clip_mb,
             "plain_clips_per_s": plain[0] / plain[1],
             "first_batch_s": max(o["first_batch_s"] for o in out),
+            "first_batch_floor_s": min(floors),
             "peak_arrow_mb_per_worker": max(o["arrow_mb"] for o in out),
             "same_video_pair_ratio": shuffle_ratio(split, videos, world, opts),
             "gpu_clips_per_s": demand,
@@ -239,7 +302,7 @@ def measure(pool, split, videos, shape, source: str, args, plain: tuple[int, flo
 HEADER = (
     f"{'source':<6} {'clip':<10} {'world':>5} {'MB read/worker':>14} {'share':>7} "
     f"{'clips/s':>8} {'MB/s':>6} {'per worker':>10} {'plain':>7} {'of plain':>8} "
-    f"{'1st batch s':>11} {'held MB':>7} {'pairs/unif':>10} {'GPU clips/s':>11} "
+    f"{'1st batch s':>11} {'floor s':>7} {'held MB':>7} {'pairs/unif':>10} {'GPU clips/s':>11} "
     f"{'GPU MB/s':>8}"
 )
 
@@ -249,7 +312,7 @@ def print_row(r: dict[str, Any]) -> None:
         f"{r['source']:<6} {r['clip']:<10} {r['world']:>5} {r['mb_read_per_worker']:>14.1f} "
         f"{r['mb_share_per_worker']:>7.1f} {r['clips_per_s']:>8.0f} {r['mb_per_s']:>6.0f} "
         f"{r['clips_per_s_per_worker']:>10.0f} {r['plain_clips_per_s']:>7.0f} "
-        f"{r['of_plain']:>7.0%} {r['first_batch_s']:>11.2f} "
+        f"{r['of_plain']:>7.0%} {r['first_batch_s']:>11.2f} {r['first_batch_floor_s']:>7.2f} "
         f"{r['peak_arrow_mb_per_worker']:>7.0f} {r['same_video_pair_ratio']:>10.2f} "
         f"{r['gpu_clips_per_s']:>11.0f} {r['gpu_mb_per_s']:>8.0f}",
         flush=True,
@@ -343,7 +406,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     files, videos = write_corpus(work / f"{name}-{n}", n, shape)
                     if source == "s3":
                         files = upload(files, "bench", f"{name}-{n}")
-                    split = ShardSplit.from_files(files, ("clip",), shape)
+                    split = ShardSplit.from_files(files, ("clip", "label"), shape)
                     plain = min(
                         (plain_loop(files, shape) for _ in range(args.repeat)), key=lambda r: r[1]
                     )
