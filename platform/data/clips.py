@@ -240,9 +240,9 @@ def to_model_input(
     mirror = [False] * b
     if flip:
         mirror = (torch.rand(b, generator=generator) < 0.5).tolist()  # (B,)
-    # Clip by clip: crop (a view), mirror (a copy of that clip only), converted straight into
-    # the float batch and scaled in place while it is in cache (a pass over the whole batch
-    # afterwards would go to memory again).
+    # Clip by clip: crop (a view), mirror (a copy of that clip only), copied straight into
+    # the output batch and, for a float one, scaled in place while it is in cache (a pass
+    # over the whole batch afterwards would go to memory again).
     out = torch.empty((b, t, ch, cw, 3), dtype=dtype)
     for i in range(b):
         clip = x[i, :, top[i] : top[i] + ch, left[i] : left[i] + cw]  # (T, ch, cw, 3)
