@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from vitok.platform.data.clips import pixels_to_unit
+
 LpipsFn = Callable[[Tensor, Tensor], Tensor]
 PSNR_MAX_DB = 10 * math.log10(255.0**2 / 1e-10)  # identical frames: a finite ceiling, not inf
 
@@ -31,9 +33,10 @@ def to_uint8(x: Tensor) -> Tensor:
 
 def to_unit_float(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """uint8 -> ``dtype`` in [-1, 1] (the model-boundary range); float passes through. The
-    one uint8 -> [-1, 1] conversion: data batches, metrics, the MLflow model use it."""
+    uint8 case is ``clips.pixels_to_unit``, the conversion training batches get on the
+    device: metrics and the MLflow model see the same values."""
     if x.dtype == torch.uint8:
-        return x.to(dtype) / 127.5 - 1
+        return pixels_to_unit(x, dtype)
     return x
 
 
