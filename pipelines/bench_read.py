@@ -206,7 +206,6 @@ def first_reads(split: Any, world: int, rank: int, opts: dict[str, Any]) -> floa
     from concurrent.futures import ThreadPoolExecutor
 
     from vitok.platform import storage
-    from vitok.platform.data.shard_splits import _column_bytes
     from vitok.platform.training.train_data import WorkerData
 
     data = WorkerData({"train": split}, _config(opts), rank, world)
@@ -219,7 +218,7 @@ def first_reads(split: Any, world: int, rank: int, opts: dict[str, Any]) -> floa
         meta = reader.units._metadata(index)
         chunk = meta.row_group(first).column(0)
         offset = min(chunk.data_page_offset, chunk.dictionary_page_offset or chunk.file_offset)
-        nbytes = int(_column_bytes(meta, split.columns)[first : first + count].sum())
+        nbytes = int(reader.units._sizes[index][first : first + count].sum())  # as read
         requests.append((split.files[index], offset, nbytes))
     data.close()
 
